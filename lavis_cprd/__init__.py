@@ -1,0 +1,22 @@
+"""lavis-cprd: distil cross-encoders into dual encoders (CPRD), as a LAVIS plugin.
+
+Importing this package imports LAVIS (models, tasks, builders, runners, lr schedulers) and
+registers lavis-cprd's own entries into LAVIS's registry:
+
+- task ``cprd_retrieval``
+- model ``cprd_dual_encoder``
+- runner ``cprd_runner``
+- dataset builder ``cprd_shapes`` (synthetic, generated offline)
+- teacher adapters (``lavis_cprd.teachers``): ``blip_image_text_matching``
+"""
+import lavis  # noqa: F401  (registers LAVIS's tasks, models, processors, builders)
+import lavis.common.optims  # noqa: F401  (registers lr schedulers)
+import lavis.runners  # noqa: F401  (registers runners)
+
+from lavis_cprd import teachers  # noqa: F401,E402
+from lavis_cprd.datasets.builders import ShapesBuilder  # noqa: F401,E402
+from lavis_cprd.models.dual_encoder import CprdDualEncoder  # noqa: F401,E402
+from lavis_cprd.runner import CprdRunner  # noqa: F401,E402
+from lavis_cprd.tasks import CprdRetrievalTask  # noqa: F401,E402
+
+__version__ = "0.1.0"

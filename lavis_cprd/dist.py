@@ -1,0 +1,41 @@
+"""Distributed helpers that also work (as identities) in a single process."""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+import torch.distributed as dist
+from lavis.common.dist_utils import get_rank, get_world_size, is_dist_avail_and_initialized
+from lavis.models.base_model import all_gather_with_grad, concat_all_gather
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' ``x`` concatenated; gradients flow back to each rank's own slice."""
+    return all_gather_with_grad(x) if is_dist_avail_and_initialized() else x
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    return concat_all_gather(x)
+
+
+def gather_strings(items: Sequence[str]) -> List[str]:
+    if not is_dist_avail_and_initialized():
+        return list(items)
+    out: List[List[str]] = [None] * get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(out, list(items))
+    return [s for part in out for s in part]
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if is_dist_avail_and_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def rank_offset(local_size: int) -> int:
+    """Index of this rank's first sample in the gathered batch (equal local sizes)."""
+    return get_rank() * local_size
+
+
+__all__ = ["gather_with_grad", "gather_no_grad", "gather_strings", "all_reduce_sum", "rank_offset", "get_world_size"]

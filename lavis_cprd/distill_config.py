@@ -1,0 +1,51 @@
+"""``model.distill``: which distillation loss, its knobs, and the teacher."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict
+
+from omegaconf import DictConfig, OmegaConf
+
+DISTILL_LOSSES = ("none", "cprd")
+
+
+@dataclass
+class DistillConfig:
+    loss: str = "none"
+    weight: float = 1.0
+    num_hard_negatives: int = 8
+    # Teacher match probability at or above which a mined negative counts as a valid hard
+    # negative (method.md). 0.1 is a placeholder until tuned on a val split with a trained teacher.
+    valid_threshold: float = 0.1
+    drop_above_positive: bool = False
+    teacher: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_cfg(cls, cfg) -> "DistillConfig":
+        if cfg is None:
+            return cls()
+        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) model.distill.{unknown}; valid keys: {sorted(known)}")
+        out = cls(**raw)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        if self.loss not in DISTILL_LOSSES:
+            raise ValueError(f"model.distill.loss={self.loss!r} is not one of {list(DISTILL_LOSSES)}")
+        if int(self.num_hard_negatives) < 1:
+            raise ValueError(f"model.distill.num_hard_negatives must be >= 1, got {self.num_hard_negatives}")
+        self.num_hard_negatives = int(self.num_hard_negatives)
+        self.weight = float(self.weight)
+        self.valid_threshold = float(self.valid_threshold)
+        if self.loss != "none":
+            from lavis_cprd.teachers import teacher_class
+
+            teacher_class(self.teacher.get("arch", "blip_image_text_matching"))  # fails early, listing choices
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.loss != "none"

@@ -1,0 +1,110 @@
+"""What LAVIS's ``train.py``/``evaluate.py`` do before building a runner, shared by our entry
+points: parse ``--cfg-path``/``--options``, build LAVIS's ``Config``, initialise distributed
+mode, seed, log, and build task, datasets and model with LAVIS's own functions."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import random
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.backends.cudnn as cudnn
+
+import lavis_cprd  # noqa: F401  (registrations must exist before Config is built)
+import lavis.tasks as tasks
+from lavis.common.config import Config
+from lavis.common.dist_utils import get_rank, setup_for_distributed
+from lavis.common.logger import setup_logger
+from lavis.common.registry import registry
+from lavis.common.utils import now
+
+DEFAULT_RUNNER = "cprd_runner"
+
+
+def parse_args(argv: Optional[List[str]], description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cfg-path", required=True, help="path to the experiment YAML.")
+    parser.add_argument(
+        "--options", nargs="+", help="override config entries, as key=value (e.g. run.max_epoch=2)."
+    )
+    return parser.parse_args(argv)
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    if not os.path.isfile(args.cfg_path):
+        raise FileNotFoundError(f"--cfg-path {args.cfg_path!r} does not exist")
+    cfg = Config(args)
+    run = cfg.run_cfg
+    # LAVIS joins a relative output_dir onto its own package folder; users mean their cwd.
+    run.output_dir = os.path.abspath(os.path.expanduser(run.get("output_dir", "output")))
+    run.runner = run.get("runner", DEFAULT_RUNNER)
+    # LAVIS's default cache root is Salesforce's /export/home; make it the user's.
+    cache_root = run.get("cache_root", None) or os.environ.get("LAVIS_CACHE_ROOT") or "~/.cache/lavis"
+    registry.mapping["paths"]["cache_root"] = os.path.abspath(os.path.expanduser(cache_root))
+    return cfg
+
+
+def init_distributed(run_cfg) -> None:
+    """``torchrun`` sets RANK/WORLD_SIZE/LOCAL_RANK: NCCL on GPUs, gloo otherwise."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        run_cfg.distributed = False
+        return
+    run_cfg.rank = int(os.environ["RANK"])
+    run_cfg.world_size = int(os.environ["WORLD_SIZE"])
+    run_cfg.gpu = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() and run_cfg.get("device", "auto") != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(run_cfg.gpu)
+    run_cfg.distributed = True
+    run_cfg.dist_backend = "nccl" if use_cuda else "gloo"
+    torch.distributed.init_process_group(
+        backend=run_cfg.dist_backend,
+        init_method=run_cfg.get("dist_url", "env://"),
+        world_size=run_cfg.world_size,
+        rank=run_cfg.rank,
+        timeout=datetime.timedelta(minutes=60),
+    )
+    torch.distributed.barrier()
+    setup_for_distributed(run_cfg.rank == 0)
+
+
+def setup_seeds(cfg: Config) -> None:
+    seed = int(cfg.run_cfg.get("seed", 42)) + get_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    cudnn.benchmark = False
+    cudnn.deterministic = True
+
+
+def build_runner(argv: Optional[List[str]], description: str, evaluate_only: bool = False):
+    """Everything up to a ready runner, as LAVIS's train.py does it."""
+    args = parse_args(argv, description)
+    job_id = now()  # before distributed init, so every rank gets the same id
+    cfg = load_config(args)
+    if evaluate_only:
+        cfg.run_cfg.evaluate = True
+    init_distributed(cfg.run_cfg)
+    setup_seeds(cfg)
+    setup_logger()
+    cfg.pretty_print()
+
+    task = tasks.setup_task(cfg)
+    datasets = task.build_datasets(cfg)
+    model = task.build_model(cfg)
+    runner_cls = registry.get_runner_class(cfg.run_cfg.runner)
+    if runner_cls is None:
+        raise ValueError(
+            f"run.runner={cfg.run_cfg.runner!r} is not registered; available: "
+            f"{sorted(registry.mapping['runner_name_mapping'])}"
+        )
+    return runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
+
+
+def log_final(results, output_dir: str) -> None:
+    if results and get_rank() == 0:
+        logging.info("Final metrics (%s): %s", output_dir, results)

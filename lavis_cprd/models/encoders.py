@@ -1,0 +1,60 @@
+"""Builders for BLIP's image and text towers at any size, shared by students and teachers.
+
+LAVIS's ``VisionTransformerEncoder.from_config`` only knows ``base``/``large``;
+``vit_type: custom`` builds the same class at explicit sizes (``vit_patch_size``,
+``vit_width``, ``vit_depth``, ``vit_heads``). Text towers start from LAVIS's
+``med_config_path`` and take ``text_width/text_depth/text_heads/text_intermediate`` overrides.
+"""
+from __future__ import annotations
+
+from lavis.common.utils import get_abs_path
+from lavis.models.med import BertConfig, XBertEncoder
+from lavis.models.vit import VisionTransformerEncoder
+
+VIT_TYPES = ("base", "large", "custom")
+DEFAULT_MED_CONFIG = "configs/models/med_config.json"
+
+
+def build_vision_encoder(cfg) -> VisionTransformerEncoder:
+    vit_type = cfg.get("vit_type", "base")
+    if vit_type in ("base", "large"):
+        return VisionTransformerEncoder.from_config(cfg)
+    if vit_type != "custom":
+        raise ValueError(f"model.vit_type={vit_type!r} is not one of {list(VIT_TYPES)}")
+    missing = [k for k in ("vit_width", "vit_depth", "vit_heads") if cfg.get(k) is None]
+    if missing:
+        raise ValueError(f"model.vit_type=custom needs {missing}")
+    width = int(cfg.vit_width)
+    encoder = VisionTransformerEncoder(
+        img_size=int(cfg.get("image_size", 384)),
+        patch_size=int(cfg.get("vit_patch_size", 16)),
+        embed_dim=width,
+        depth=int(cfg.vit_depth),
+        num_heads=int(cfg.vit_heads),
+        use_grad_checkpointing=bool(cfg.get("vit_grad_ckpt", False)),
+        ckpt_layer=int(cfg.get("vit_ckpt_layer", 0)),
+        drop_path_rate=float(cfg.get("vit_drop_path_rate", 0.0)),
+    )
+    encoder.vision_width = width
+    return encoder
+
+
+def text_config(cfg, cross_attention: bool, encoder_width: int) -> BertConfig:
+    config = BertConfig.from_json_file(get_abs_path(cfg.get("med_config_path", DEFAULT_MED_CONFIG)))
+    if cfg.get("text_width") is not None:
+        config.hidden_size = int(cfg.text_width)
+        config.intermediate_size = 4 * config.hidden_size
+    if cfg.get("text_depth") is not None:
+        config.num_hidden_layers = int(cfg.text_depth)
+    if cfg.get("text_heads") is not None:
+        config.num_attention_heads = int(cfg.text_heads)
+    if cfg.get("text_intermediate") is not None:
+        config.intermediate_size = int(cfg.text_intermediate)
+    config.add_cross_attention = cross_attention
+    config.encoder_width = encoder_width
+    return config
+
+
+def build_text_encoder(cfg, cross_attention: bool, encoder_width: int) -> XBertEncoder:
+    """BLIP's BERT (LAVIS ``XBertEncoder``); a dual encoder needs no cross-attention layers."""
+    return XBertEncoder(config=text_config(cfg, cross_attention, encoder_width), add_pooling_layer=False)

@@ -1,0 +1,100 @@
+"""Teacher adapter over LAVIS's ``blip_image_text_matching`` (BLIP's ITM head)."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from lavis.models.blip_models.blip_image_text_matching import BlipITM
+from omegaconf import OmegaConf
+
+from lavis_cprd.models.encoders import build_text_encoder, build_vision_encoder
+from lavis_cprd.teachers.base import CrossEncoderTeacher, chunks
+from lavis_cprd.teachers.registry import register_teacher
+from lavis_cprd.tokenization import with_local_tokenizer
+
+
+@register_teacher("blip_image_text_matching")
+class BlipITMTeacher(CrossEncoderTeacher):
+    """Scores pairs with BLIP's cross-encoder: ``softmax(itm_head(text_encoder(T, I)))[:, 1]``.
+
+    Each distinct image is encoded once per call and its patch features are reused for every
+    caption it is paired with; each distinct caption is tokenized once.
+    """
+
+    model: BlipITM
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer_path: Optional[str] = None) -> "BlipITMTeacher":
+        """``cfg``: ``model_type`` (LAVIS default config to start from), ``model`` (overrides of
+        that config: sizes, ``vit_type: custom``...), ``checkpoint`` (path or URL of fine-tuned
+        ITM weights; ``null`` keeps the default's, ``""`` means random init), ``precision``,
+        ``batch_size`` (pairs per forward chunk)."""
+        model_type = cfg.get("model_type", "base")
+        if model_type not in BlipITM.PRETRAINED_MODEL_CONFIG_DICT:
+            raise ValueError(
+                f"teacher model_type={model_type!r} is not one of "
+                f"{sorted(BlipITM.PRETRAINED_MODEL_CONFIG_DICT)} for blip_image_text_matching"
+            )
+        mcfg = OmegaConf.merge(
+            OmegaConf.load(BlipITM.default_config_path(model_type)).model,
+            cfg.get("model", None) or {},
+        )
+        checkpoint = cfg.get("checkpoint", None)
+        if checkpoint is not None:
+            mcfg.finetuned = checkpoint
+            mcfg.load_finetuned = True
+
+        image_encoder = build_vision_encoder(mcfg)
+        text_encoder = build_text_encoder(mcfg, cross_attention=True, encoder_width=image_encoder.vision_width)
+        model_cls = with_local_tokenizer(BlipITM, tokenizer_path)
+        model = model_cls(
+            image_encoder=image_encoder,
+            text_encoder=text_encoder,
+            embed_dim=mcfg.get("embed_dim", 256),
+            max_txt_len=mcfg.get("max_txt_len", 35),
+        )
+        if mcfg.get("load_finetuned", True) and mcfg.get("finetuned"):
+            model.load_checkpoint(mcfg.finetuned)
+        return cls(model, precision=cfg.get("precision", "fp32"), batch_size=cfg.get("batch_size", 128))
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.visual_encoder.patch_embed.img_size[0])
+
+    def _match_logits(self, images: torch.Tensor, captions: Sequence[str], pairs: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        image_rows, image_of_pair = pairs[:, 0].unique(return_inverse=True)
+        text_rows, text_of_pair = pairs[:, 1].unique(return_inverse=True)
+
+        pixels = images[image_rows]
+        if pixels.shape[-1] != self.image_size:
+            # Teacher and student may use different resolutions; both use BLIP normalization.
+            pixels = F.interpolate(pixels, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
+        image_embeds = torch.cat(
+            [model.visual_encoder.forward_features(pixels[s]) for s in chunks(len(pixels), self.batch_size)]
+        )
+
+        text = model.tokenizer(
+            [captions[i] for i in text_rows.tolist()],
+            padding="longest",
+            truncation=True,
+            max_length=model.max_txt_len,
+            return_tensors="pt",
+        ).to(images.device)
+        input_ids = text.input_ids.clone()
+        input_ids[:, 0] = model.tokenizer.enc_token_id
+
+        logits = []
+        for s in chunks(len(pairs), self.batch_size):
+            embeds = image_embeds[image_of_pair[s]]
+            atts = torch.ones(embeds.shape[:-1], dtype=torch.long, device=embeds.device)
+            out = model.text_encoder(
+                input_ids[text_of_pair[s]],
+                attention_mask=text.attention_mask[text_of_pair[s]],
+                encoder_hidden_states=embeds,
+                encoder_attention_mask=atts,
+                return_dict=True,
+            )
+            logits.append(model.itm_head(out.last_hidden_state[:, 0, :]))
+        return torch.cat(logits)

@@ -1,0 +1,146 @@
+"""cprd_dual_encoder: loss wiring, retrieval scores, teacher isolation, config errors."""
+import numpy as np
+import pytest
+import torch
+from lavis.common.registry import registry
+from lavis.tasks.retrieval import RetrievalTask
+from torch.utils.data import DataLoader, Dataset
+
+from conftest import tiny_model_cfg
+from lavis_cprd.models.dual_encoder import CprdDualEncoder
+from test_losses import cprd_reference
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    # eval(): BERT's dropout would make two forwards differ.
+    return CprdDualEncoder.from_config(tiny_model_cfg(num_hard_negatives=3, valid_threshold=0.5)).eval()
+
+
+def test_registered_names():
+    assert registry.get_model_class("cprd_dual_encoder") is CprdDualEncoder
+    assert registry.get_task_class("cprd_retrieval") is not None
+    assert registry.get_runner_class("cprd_runner") is not None
+    assert registry.get_builder_class("cprd_shapes") is not None
+
+
+def test_forward_equals_independent_itc_plus_cprd(model, batch):
+    out = model(batch)
+    ids, tau, K = batch["image_id"], model.temp, 3
+    with torch.no_grad():
+        v = model.encode_image(batch["image"])
+        t = model.encode_text(model.tokenize(batch["text_input"], "cpu"))
+        sim = v @ t.t()
+        teacher = model.teacher
+
+        def direction(sims, cand_ok, pair):
+            xs, ts = [], []
+            for q in range(sims.shape[0]):
+                cands = [c for c in range(sims.shape[1]) if ids[c] != ids[q] and cand_ok[c]]
+                negs = sorted(cands, key=lambda c: -float(sims[q, c]))[:K]
+                xs.append(torch.stack([sims[q, c] / tau for c in negs]))
+                ts.append(teacher.score(batch["image"], batch["text_input"], torch.tensor([pair(q, c) for c in negs])))
+            x, ts = torch.stack(xs), torch.stack(ts)
+            return cprd_reference(x, ts, ts >= 0.5)
+
+        first = [int((ids[: i + 1] == ids[i]).sum()) == 1 for i in range(len(ids))]
+        image_queries = [i for i in range(len(ids)) if first[i]]
+        l_i2t = direction(sim[image_queries], [True] * len(ids), lambda q, c: (image_queries[q], c))
+        l_t2i = direction(sim.t(), first, lambda q, c: (c, q))
+        cprd = 0.5 * (l_i2t + l_t2i)
+
+        pos = (ids[:, None] == ids[None, :]).float()
+        y = pos / pos.sum(1, keepdim=True)
+        itc = 0.5 * (-(y * (sim / tau).log_softmax(1)).sum(1).mean() - (y * (sim.t() / tau).log_softmax(1)).sum(1).mean())
+    assert out.loss_itc.item() == pytest.approx(itc.item(), rel=1e-5)
+    assert out.loss_distill.item() == pytest.approx(cprd.item(), rel=1e-4)
+    assert out.loss.item() == pytest.approx(itc.item() + cprd.item(), rel=1e-4)
+
+
+def test_gradients_reach_both_towers_and_temperature(model, batch):
+    model.zero_grad()
+    model(batch).loss.backward()
+    for name in ("visual_encoder.patch_embed.proj.weight", "text_encoder.embeddings.word_embeddings.weight", "temp"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_teacher_not_in_state_dict_or_parameters(model, batch):
+    model(batch)  # builds the teacher
+    assert model._teacher is not None
+    teacher_params = {id(p) for p in model.teacher.model.parameters()}
+    assert not teacher_params & {id(p) for p in model.parameters()}
+    assert not any("teacher" in k or "itm_head" in k for k in model.state_dict())
+
+
+class _EvalSet(Dataset):
+    def __init__(self, images, texts, img2txt):
+        self.images, self.text, self.img2txt = images, texts, img2txt
+        self.txt2img = {t: i for i, ts in img2txt.items() for t in ts}
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "index": i}
+
+
+def independent_recall(scores_i2t, img2txt, txt2img, ks=(1, 5, 10)):
+    """Recall@k by counting how many candidates score strictly higher than the best positive."""
+    out = {}
+    for k in ks:
+        hits = [sum(scores_i2t[i] > max(scores_i2t[i][t] for t in img2txt[i])) < k for i in range(len(img2txt))]
+        out[f"txt_r{k}"] = 100.0 * np.mean(hits)
+        hits = [sum(scores_i2t[:, t] > scores_i2t[txt2img[t], t]) < k for t in range(len(txt2img))]
+        out[f"img_r{k}"] = 100.0 * np.mean(hits)
+    out["r_mean"] = np.mean([out[f"{m}_r{k}"] for m in ("txt", "img") for k in ks])
+    return out
+
+
+def test_compute_sim_matrix_is_dual_encoder_retrieval_and_lavis_metrics_agree(model, tmp_path):
+    registry.mapping["paths"]["output_dir"] = str(tmp_path)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(12, 3, 64, 64, generator=g)
+    texts = [f"caption {i} of a shape {i % 5}" for i in range(24)]
+    img2txt = {i: [2 * i, 2 * i + 1] for i in range(12)}
+    dataset = _EvalSet(images, texts, img2txt)
+    loader = DataLoader(dataset, batch_size=5, shuffle=True)  # row placement must not depend on order
+    i2t, t2i = model.compute_sim_matrix(loader, {"text_batch_size": 7})
+    assert i2t.shape == (12, 24) and t2i.shape == (24, 12)
+    with torch.no_grad():
+        expected = model.encode_image(images) @ model.encode_text(model.tokenize(texts, "cpu")).t()
+    np.testing.assert_allclose(i2t, expected.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(t2i, i2t.T)
+
+    metrics = RetrievalTask._report_metrics(i2t, t2i, dataset.txt2img, dataset.img2txt)
+    ours = independent_recall(i2t, dataset.img2txt, dataset.txt2img)
+    for key, value in ours.items():
+        assert metrics[key] == pytest.approx(value), key
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match=r"model.distill.loss='cprdd' is not one of \['none', 'cprd'\]"):
+        CprdDualEncoder.from_config(tiny_model_cfg(loss="cprdd"))
+    cfg = tiny_model_cfg()
+    cfg.distill.num_negatives = 4
+    with pytest.raises(ValueError, match=r"unknown key\(s\) model.distill.\['num_negatives'\]"):
+        CprdDualEncoder.from_config(cfg)
+    cfg = tiny_model_cfg()
+    cfg.distill.teacher.arch = "albef_typo"
+    with pytest.raises(ValueError, match="has no teacher adapter; available"):
+        CprdDualEncoder.from_config(cfg)
+    cfg = tiny_model_cfg()
+    cfg.vit_type = "giant"
+    with pytest.raises(ValueError, match=r"model.vit_type='giant' is not one of"):
+        CprdDualEncoder.from_config(cfg)
+
+
+def test_missing_tokenizer_folder_is_a_clear_error(tmp_path):
+    cfg = tiny_model_cfg()
+    cfg.tokenizer_path = str(tmp_path / "no_such_tokenizer")
+    with pytest.raises(FileNotFoundError, match="no tokenizer folder at .*no_such_tokenizer.*vocab.txt"):
+        CprdDualEncoder.from_config(cfg)
+    cfg.tokenizer_path = "pkg://not_a_package_xyz/model"
+    with pytest.raises(FileNotFoundError, match="package 'not_a_package_xyz' is not installed"):
+        CprdDualEncoder.from_config(cfg)
