@@ -2,8 +2,8 @@
 
 LAVIS 1.0.2's runner assumes a GPU: ``PrefetchLoader`` creates a CUDA stream, the ``model``
 property returns ``None`` when the model already sits on the device (always so on CPU),
-``train()`` calls ``dist.barrier()`` even without a process group, and DDP is given
-``device_ids`` of a GPU. This subclass fixes those and otherwise defers to LAVIS.
+``train()`` calls ``dist.barrier()`` even without a process group, metric sync all-reduces
+on ``cuda``, and DDP is given ``device_ids`` of a GPU. This subclass fixes those and otherwise defers to LAVIS.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from unittest import mock
 import torch
 import torch.distributed as dist
 from lavis.common.dist_utils import is_dist_avail_and_initialized
+from lavis.common.logger import SmoothedValue
 from lavis.common.registry import registry
 from lavis.runners import runner_base
 from lavis.runners.runner_base import RunnerBase
@@ -53,8 +54,26 @@ class CprdRunner(RunnerBase):
             return super().create_loaders(*args, **kwargs)
 
     def train(self):
-        with _barrier_without_process_group():
+        with _barrier_without_process_group(), _metric_sync_on(self.device):
             return super().train()
+
+
+@contextlib.contextmanager
+def _metric_sync_on(device: torch.device):
+    """LAVIS's ``SmoothedValue`` all-reduces its counters on ``cuda`` even under gloo."""
+    if device.type == "cuda":
+        yield
+        return
+
+    def synchronize_between_processes(meter):
+        if not is_dist_avail_and_initialized():
+            return
+        t = torch.tensor([meter.count, meter.total], dtype=torch.float64)
+        dist.all_reduce(t)
+        meter.count, meter.total = int(t[0]), float(t[1])
+
+    with mock.patch.object(SmoothedValue, "synchronize_between_processes", synchronize_between_processes):
+        yield
 
 
 @contextlib.contextmanager
