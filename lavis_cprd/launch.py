@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import logging
 import os
 import random
-from typing import List, Optional
-
 import numpy as np
 import torch
 import torch.backends.cudnn as cudnn
@@ -25,13 +22,14 @@ from lavis.common.utils import now
 DEFAULT_RUNNER = "cprd_runner"
 
 
-def parse_args(argv: Optional[List[str]], description: str) -> argparse.Namespace:
+def make_parser(description: str) -> argparse.ArgumentParser:
+    """LAVIS's train.py/evaluate.py arguments: ``--cfg-path`` and ``--options``."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--cfg-path", required=True, help="path to the experiment YAML.")
     parser.add_argument(
-        "--options", nargs="+", help="override config entries, as key=value (e.g. run.max_epoch=2)."
+        "--options", nargs="+", default=[], help="override config entries, as key=value (e.g. run.max_epoch=2)."
     )
-    return parser.parse_args(argv)
+    return parser
 
 
 def load_config(args: argparse.Namespace) -> Config:
@@ -81,9 +79,8 @@ def setup_seeds(cfg: Config) -> None:
     cudnn.deterministic = True
 
 
-def build_runner(argv: Optional[List[str]], description: str, evaluate_only: bool = False):
+def build_runner(args: argparse.Namespace, evaluate_only: bool = False):
     """Everything up to a ready runner, as LAVIS's train.py does it."""
-    args = parse_args(argv, description)
     job_id = now()  # before distributed init, so every rank gets the same id
     cfg = load_config(args)
     if evaluate_only:
@@ -104,7 +101,3 @@ def build_runner(argv: Optional[List[str]], description: str, evaluate_only: boo
         )
     return runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
 
-
-def log_final(results, output_dir: str) -> None:
-    if results and get_rank() == 0:
-        logging.info("Final metrics (%s): %s", output_dir, results)

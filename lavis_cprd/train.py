@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from lavis_cprd.launch import build_runner
+from lavis_cprd.launch import build_runner, make_parser
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    runner = build_runner(argv, "Train a lavis-cprd experiment.")
-    runner.train()
+    args = make_parser("Train a lavis-cprd experiment.").parse_args(argv)
+    build_runner(args).train()
 
 
 if __name__ == "__main__":
