@@ -4,7 +4,7 @@ Importing this package imports LAVIS (models, tasks, builders, runners, lr sched
 registers lavis-cprd's own entries into LAVIS's registry:
 
 - task ``cprd_retrieval``
-- model ``cprd_dual_encoder``
+- models ``cprd_dual_encoder`` (the student) and ``cprd_blip_retrieval`` (trains tiny teachers)
 - runner ``cprd_runner``
 - dataset builder ``cprd_shapes`` (synthetic, generated offline)
 - teacher adapters (``lavis_cprd.teachers``): ``blip_image_text_matching``
@@ -15,6 +15,7 @@ import lavis.runners  # noqa: F401  (registers runners)
 
 from lavis_cprd import teachers  # noqa: F401,E402
 from lavis_cprd.datasets.builders import ShapesBuilder  # noqa: F401,E402
+from lavis_cprd.models.blip_retrieval import CprdBlipRetrieval  # noqa: F401,E402
 from lavis_cprd.models.dual_encoder import CprdDualEncoder  # noqa: F401,E402
 from lavis_cprd.runner import CprdRunner  # noqa: F401,E402
 from lavis_cprd.tasks import CprdRetrievalTask  # noqa: F401,E402

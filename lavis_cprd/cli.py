@@ -1,4 +1,4 @@
-"""``lavis-cprd`` command: ``lavis-cprd train|evaluate ...``."""
+"""``lavis-cprd`` command: ``lavis-cprd train|evaluate|demo ...``."""
 from __future__ import annotations
 
 import sys
@@ -7,6 +7,7 @@ from typing import List, Optional
 COMMANDS = {
     "train": "lavis_cprd.train",
     "evaluate": "lavis_cprd.evaluate",
+    "demo": "lavis_cprd.demo",
 }
 
 

@@ -1,8 +1,11 @@
 """A synthetic, compositional image-caption dataset written in LAVIS's retrieval format.
 
-Each image holds one or two coloured shapes; captions bind colours, sizes and positions to
-shapes ("a red circle left of a blue square"), so many captions share words and differ only in
-the binding: in-batch negatives are hard for separate encoders. Deterministic from its seed.
+Each image holds two or three coloured shapes in left-to-right slots. Captions bind colour,
+size and shape to objects and name their left/right relations ("a red circle left of a blue
+square"). Scenes come in *minimal-pair families*: a base scene plus variants that swap two
+objects' colours, shapes or places, so the same words describe look-alike images and only the
+binding tells them apart. Those are the hard negatives where a cross-encoder's joint attention
+beats separate encoders. Everything is deterministic in ``ShapesSpec.seed``.
 """
 from __future__ import annotations
 
@@ -25,62 +28,83 @@ COLORS: Dict[str, tuple] = {
 }
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
+SLOTS = (0.2, 0.5, 0.8)  # x centre of each left-to-right slot, as a fraction of the width
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
 class ShapesSpec:
     seed: int = 0
-    num_train: int = 400
-    num_val: int = 100
-    num_test: int = 100
+    num_train: int = 1200
+    num_val: int = 150
+    num_test: int = 150
     captions_per_image: int = 3
     image_size: int = 64
+    family_size: int = 3  # images per minimal-pair family (1 = independent scenes)
 
     @property
     def key(self) -> str:
         """Folder name: changes whenever a parameter (or the format version) changes."""
-        blob = json.dumps({**asdict(self), "version": 1}, sort_keys=True).encode()
+        blob = json.dumps({**asdict(self), "version": FORMAT_VERSION}, sort_keys=True).encode()
         return hashlib.sha1(blob).hexdigest()[:12]
 
 
-def _scene(rng: random.Random) -> List[dict]:
-    n = rng.choice((1, 2))
-    slots = rng.sample(("left", "right"), n) if n == 2 else [rng.choice(("left", "right", "center"))]
+def random_scene(rng: random.Random) -> List[dict]:
+    """Objects sorted left to right; each ``{shape, color, size, slot}``."""
+    n = rng.choice((2, 3))
+    slots = sorted(rng.sample(range(len(SLOTS)), n))
     return [
-        {"shape": rng.choice(SHAPES), "color": rng.choice(list(COLORS)), "size": rng.choice(SIZES), "position": slot}
-        for slot in slots
+        {"shape": rng.choice(SHAPES), "color": rng.choice(list(COLORS)), "size": rng.choice(SIZES), "slot": s}
+        for s in slots
     ]
 
 
-def describe(obj: dict, with_size: bool) -> str:
-    return " ".join(["a", obj["size"]] if with_size else ["a"]) + f" {obj['color']} {obj['shape']}"
+def variant(scene: List[dict], rng: random.Random) -> List[dict]:
+    """A minimal-pair twin: two objects swap colour, shape, or colour and size."""
+    i, j = rng.sample(range(len(scene)), 2)
+    attrs = rng.choice((("color",), ("shape",), ("color", "size"), ("shape", "color")))
+    twin = [dict(o) for o in scene]
+    for a in attrs:
+        twin[i][a], twin[j][a] = twin[j][a], twin[i][a]
+    return twin
+
+
+def name(obj: dict, with_size: bool = False) -> str:
+    return (f"{obj['size']} " if with_size else "") + f"{obj['color']} {obj['shape']}"
+
+
+def describe_all(scene: List[dict]) -> str:
+    return ", ".join(name(o, True) for o in scene)
+
+
+def caption_pool(scene: List[dict]) -> List[str]:
+    """Captions true of the scene; each binds attributes to objects."""
+    pool = []
+    for a, b in zip(scene, scene[1:]):
+        pool += [f"a {name(a)} left of a {name(b)}", f"a {name(b)} right of a {name(a)}"]
+    pool.append("from left to right " + " then ".join(f"a {name(o, True)}" for o in scene))
+    pool.append(" and ".join(f"a {name(o, True)}" for o in scene))
+    if len(scene) == 3:
+        pool.append(f"a {name(scene[1])} between a {name(scene[0])} and a {name(scene[2])}")
+    return pool
 
 
 def captions_for(scene: List[dict], rng: random.Random, k: int) -> List[str]:
-    """``k`` distinct captions, each true of the scene."""
-    options = []
-    if len(scene) == 1:
-        (o,) = scene
-        options += [f"{describe(o, True)}", f"{describe(o, False)} in the {o['position']}", f"{describe(o, True)} on a grey background"]
-    else:
-        left, right = sorted(scene, key=lambda o: o["position"] != "left")
-        options += [
-            f"{describe(left, False)} left of {describe(right, False)}",
-            f"{describe(right, False)} right of {describe(left, False)}",
-            f"{describe(left, True)} and {describe(right, True)}",
-            f"{describe(right, True)} and {describe(left, True)}",
-        ]
-    rng.shuffle(options)
-    return [options[i % len(options)] for i in range(k)]
+    pool = caption_pool(scene)
+    rng.shuffle(pool)
+    return [pool[i % len(pool)] for i in range(k)]
 
 
 def render(scene: List[dict], size: int, rng: random.Random) -> Image.Image:
-    img = Image.new("RGB", (size, size), (128, 128, 128))
+    """Draw the scene; records each object's drawn centre and radius (``x, y, r``) in it."""
+    shade = rng.randint(100, 150)
+    img = Image.new("RGB", (size, size), (shade, shade, shade))
     draw = ImageDraw.Draw(img)
     for o in scene:
-        r = size * (0.2 if o["size"] == "large" else 0.11)
-        cx = {"left": 0.27, "right": 0.73, "center": 0.5}[o["position"]] * size + rng.uniform(-2, 2)
-        cy = size * 0.5 + rng.uniform(-size * 0.15, size * 0.15)
+        r = size * (0.14 if o["size"] == "large" else 0.08)
+        cx = SLOTS[o["slot"]] * size + rng.uniform(-1.5, 1.5)
+        cy = size * 0.5 + rng.uniform(-size * 0.2, size * 0.2)
+        o.update(x=round(cx, 2), y=round(cy, 2), r=round(r, 2))
         box = [cx - r, cy - r, cx + r, cy + r]
         color = COLORS[o["color"]]
         if o["shape"] == "circle":
@@ -92,28 +116,47 @@ def render(scene: List[dict], size: int, rng: random.Random) -> Image.Image:
     return img
 
 
+def scenes(rng: random.Random, n: int, family_size: int) -> List[List[dict]]:
+    """``n`` distinct scenes, in families of a base scene and its minimal-pair twins."""
+    out: List[List[dict]] = []
+    seen = set()
+    while len(out) < n:
+        family = [random_scene(rng)]
+        if describe_all(family[0]) in seen:
+            continue
+        seen.add(describe_all(family[0]))
+        for _ in range(10 * family_size):
+            if len(family) == family_size:
+                break
+            twin = variant(rng.choice(family), rng)
+            if describe_all(twin) not in seen:
+                seen.add(describe_all(twin))
+                family.append(twin)
+        out.extend(family)
+    return out[:n]
+
+
 def generate(root: str, spec: ShapesSpec) -> Dict[str, str]:
     """Write ``images/`` and ``annotations/{train,val,test}.json`` under ``root``.
 
-    Train entries are one per caption ``{image, caption, image_id}``; val/test entries one
-    per image ``{image, caption: [...]}`` (LAVIS's retrieval format). Returns split -> path.
+    Train entries are one per caption ``{image, caption, image_id, scene}``; val/test entries
+    one per image ``{image, caption: [...], scene}`` (LAVIS's retrieval format; ``scene`` is
+    the spec the image was drawn from). Returns split -> annotation path.
     """
     rng = random.Random(spec.seed)
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    paths = {}
-    counter = 0
+    paths, counter = {}, 0
     for split, n in (("train", spec.num_train), ("val", spec.num_val), ("test", spec.num_test)):
         entries = []
-        for _ in range(n):
-            scene = _scene(rng)
-            name = f"images/{split}_{counter:06d}.png"
-            render(scene, spec.image_size, rng).save(os.path.join(root, name))
+        for scene in scenes(rng, n, spec.family_size):
+            image = f"images/{split}_{counter:06d}.png"
+            render(scene, spec.image_size, rng).save(os.path.join(root, image))
             caps = captions_for(scene, rng, spec.captions_per_image)
             if split == "train":
-                entries += [{"image": name, "caption": c, "image_id": f"{split}_{counter}"} for c in caps]
+                entries += [{"image": image, "caption": c, "image_id": f"{split}_{counter}", "scene": scene} for c in caps]
             else:
-                entries.append({"image": name, "caption": caps, "scene": scene})
+                entries.append({"image": image, "caption": caps, "scene": scene})
             counter += 1
         paths[split] = os.path.join(root, "annotations", f"{split}.json")
         with open(paths[split], "w") as f:

@@ -188,26 +188,8 @@ class CprdDualEncoder(BlipBase):
         """Pure dual-encoder retrieval: encode all texts and images, one matrix product.
 
         Returns LAVIS's pair ``(scores_i2t [n_img, n_txt], scores_t2i [n_txt, n_img])``.
-        Image rows are placed by the dataset's ``index``, so any sampler order works.
         """
-        t0 = time.time()
-        device = self.device
-        texts = data_loader.dataset.text
-        text_bs = int((task_cfg or {}).get("text_batch_size", 256))
-        text_feats = torch.cat(
-            [self.encode_text(self.tokenize(texts[i : i + text_bs], device)) for i in range(0, len(texts), text_bs)]
-        )
-        image_feats = torch.zeros(len(data_loader.dataset), text_feats.shape[1], device=device)
-        seen = torch.zeros(len(data_loader.dataset), dtype=torch.bool)
-        for samples in data_loader:
-            index = torch.as_tensor(samples["index"]).long()
-            image_feats[index.to(device)] = self.encode_image(samples["image"].to(device))
-            seen[index] = True
-        if not bool(seen.all()):
-            raise RuntimeError(f"compute_sim_matrix saw {int(seen.sum())} of {len(seen)} images: the loader must cover the split")
-        sims = (image_feats @ text_feats.t()).float().cpu()
-        logging.info("Encoded %d images and %d texts in %.1fs", len(seen), len(texts), time.time() - t0)
-        return sims.numpy(), sims.t().contiguous().numpy()
+        return dual_encoder_sim_matrix(self, data_loader, int((task_cfg or {}).get("text_batch_size", 256)))
 
     # ------------------------------------------------------------------- config
     @classmethod
@@ -233,3 +215,35 @@ class CprdDualEncoder(BlipBase):
         else:
             logging.info("cprd_dual_encoder: no checkpoint configured, weights are randomly initialised")
         return model
+
+
+@torch.no_grad()
+def dual_encoder_sim_matrix(model, data_loader, text_batch_size: int = 256) -> Tuple[np.ndarray, np.ndarray]:
+    """ITC retrieval scores of any BLIP-shaped model (``visual_encoder`` + ``vision_proj``,
+    ``text_encoder.forward_text`` + ``text_proj``, ``tokenizer``): a student, or a
+    cross-encoder's own dual part. Image rows are placed by the dataset's ``index``, so any
+    sampler order works. Returns ``(i2t [n_img, n_txt], t2i [n_txt, n_img])`` as numpy."""
+    t0 = time.time()
+    device = model.device
+    texts = data_loader.dataset.text
+    text_feats = []
+    for i in range(0, len(texts), text_batch_size):
+        tokens = model.tokenizer(
+            list(texts[i : i + text_batch_size]), padding="longest", truncation=True,
+            max_length=model.max_txt_len, return_tensors="pt",
+        ).to(device)
+        hidden = model.text_encoder.forward_text(tokens).last_hidden_state
+        text_feats.append(F.normalize(model.text_proj(hidden[:, 0, :]), dim=-1))
+    text_feats = torch.cat(text_feats)
+    image_feats = torch.zeros(len(data_loader.dataset), text_feats.shape[1], device=device)
+    seen = torch.zeros(len(data_loader.dataset), dtype=torch.bool)
+    for samples in data_loader:
+        index = torch.as_tensor(samples["index"]).long()
+        embeds = model.visual_encoder.forward_features(samples["image"].to(device))
+        image_feats[index.to(device)] = F.normalize(model.vision_proj(embeds[:, 0, :]), dim=-1)
+        seen[index] = True
+    if not bool(seen.all()):
+        raise RuntimeError(f"compute_sim_matrix saw {int(seen.sum())} of {len(seen)} images: the loader must cover the split")
+    sims = (image_feats @ text_feats.t()).float().cpu()
+    logging.info("Encoded %d images and %d texts in %.1fs", len(seen), len(texts), time.time() - t0)
+    return sims.numpy(), sims.t().contiguous().numpy()

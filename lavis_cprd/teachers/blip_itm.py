@@ -1,6 +1,7 @@
 """Teacher adapter over LAVIS's ``blip_image_text_matching`` (BLIP's ITM head)."""
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -12,6 +13,22 @@ from lavis_cprd.models.encoders import build_text_encoder, build_vision_encoder
 from lavis_cprd.teachers.base import CrossEncoderTeacher, chunks
 from lavis_cprd.teachers.registry import register_teacher
 from lavis_cprd.tokenization import with_local_tokenizer
+
+
+# Model-config keys that fix the shapes of a BLIP model's towers.
+ARCHITECTURE_KEYS = (
+    "vit_type", "image_size", "vit_patch_size", "vit_width", "vit_depth", "vit_heads", "med_config_path",
+    "text_width", "text_depth", "text_heads", "text_intermediate", "text_pretrained", "embed_dim", "max_txt_len",
+    "tokenizer_path",
+)
+
+
+def architecture_from_checkpoint(path: str) -> dict:
+    """Tower sizes stored in a LAVIS runner checkpoint's ``config.model`` ({} if none/remote)."""
+    if not os.path.isfile(path):
+        return {}
+    stored = torch.load(path, map_location="cpu", weights_only=True).get("config", {}).get("model", {})
+    return {k: stored[k] for k in ARCHITECTURE_KEYS if k in stored}
 
 
 @register_teacher("blip_image_text_matching")
@@ -29,7 +46,11 @@ class BlipITMTeacher(CrossEncoderTeacher):
         """``cfg``: ``model_type`` (LAVIS default config to start from), ``model`` (overrides of
         that config: sizes, ``vit_type: custom``...), ``checkpoint`` (path or URL of fine-tuned
         ITM weights; ``null`` keeps the default's, ``""`` means random init), ``precision``,
-        ``batch_size`` (pairs per forward chunk)."""
+        ``batch_size`` (pairs per forward chunk).
+
+        A local checkpoint written by LAVIS's runner (e.g. a ``cprd_blip_retrieval`` teacher
+        trained here) carries its model config. Its tower sizes win over ``model`` overrides
+        (the weights only fit them), so ``checkpoint: path/to/checkpoint_best.pth`` is enough."""
         model_type = cfg.get("model_type", "base")
         if model_type not in BlipITM.PRETRAINED_MODEL_CONFIG_DICT:
             raise ValueError(
@@ -41,13 +62,15 @@ class BlipITMTeacher(CrossEncoderTeacher):
             cfg.get("model", None) or {},
         )
         checkpoint = cfg.get("checkpoint", None)
+        if checkpoint:
+            mcfg = OmegaConf.merge(mcfg, architecture_from_checkpoint(checkpoint))
         if checkpoint is not None:
             mcfg.finetuned = checkpoint
             mcfg.load_finetuned = True
 
         image_encoder = build_vision_encoder(mcfg)
         text_encoder = build_text_encoder(mcfg, cross_attention=True, encoder_width=image_encoder.vision_width)
-        model_cls = with_local_tokenizer(BlipITM, tokenizer_path)
+        model_cls = with_local_tokenizer(BlipITM, tokenizer_path or mcfg.get("tokenizer_path", None))
         model = model_cls(
             image_encoder=image_encoder,
             text_encoder=text_encoder,

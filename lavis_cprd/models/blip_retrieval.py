@@ -1,0 +1,50 @@
+"""``cprd_blip_retrieval``: LAVIS's BLIP retrieval model at any size, offline.
+
+The cross-encoder teacher of the embedded default is trained with LAVIS's own machinery:
+``BlipRetrieval``'s ITC + ITM-with-hard-negatives objective (momentum distillation included),
+LAVIS's ``retrieval`` task and runner. This subclass only changes construction: towers of
+explicit sizes (``vit_type: custom``, ``text_*``), an optional pre-trained text tower
+(``text_pretrained``), a local tokenizer, and random init when no checkpoint is configured.
+Its checkpoints use BLIP's key names, so ``blip_image_text_matching`` teachers load them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from lavis.common.registry import registry
+from lavis.models.blip_models.blip_retrieval import BlipRetrieval
+
+from lavis_cprd.models.encoders import build_text_encoder, build_vision_encoder
+from lavis_cprd.tokenization import with_local_tokenizer
+
+_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models")
+
+
+@registry.register_model("cprd_blip_retrieval")
+class CprdBlipRetrieval(BlipRetrieval):
+    PRETRAINED_MODEL_CONFIG_DICT = {"tiny": os.path.join(_CONFIG_DIR, "cprd_blip_retrieval_tiny.yaml")}
+
+    @classmethod
+    def from_config(cls, cfg=None):
+        image_encoder = build_vision_encoder(cfg)
+        text_encoder = build_text_encoder(cfg, cross_attention=True, encoder_width=image_encoder.vision_width)
+        model_cls = with_local_tokenizer(cls, cfg.get("tokenizer_path", None))
+        model = model_cls(
+            image_encoder=image_encoder,
+            text_encoder=text_encoder,
+            queue_size=int(cfg.get("queue_size", 256)),
+            alpha=float(cfg.get("alpha", 0.4)),
+            embed_dim=int(cfg.get("embed_dim", 256)),
+            momentum=float(cfg.get("momentum", 0.995)),
+            negative_all_rank=bool(cfg.get("negative_all_rank", False)),
+            max_txt_len=int(cfg.get("max_txt_len", 35)),
+        )
+        if cfg.get("load_finetuned", False) and cfg.get("finetuned"):
+            model.load_checkpoint(cfg.finetuned)
+        elif cfg.get("pretrained"):
+            model.load_from_pretrained(cfg.pretrained)
+        else:
+            logging.info("cprd_blip_retrieval: no checkpoint configured, towers start as configured")
+        model.reset_queue_ptr()
+        return model
