@@ -27,6 +27,10 @@ def test_config_loads_and_is_consistent(path):
     assert registry.get_runner_class(cfg.run_cfg.runner) is not None
     for name in cfg.datasets_cfg:
         assert registry.get_builder_class(name) is not None
+    if cfg.model_cfg.arch == "cprd_blip_retrieval":  # the embedded default's teacher recipe
+        assert cfg.run_cfg.task == "retrieval" and cfg.run_cfg.batch_size_train > 0
+        assert cfg.model_cfg.queue_size % cfg.run_cfg.batch_size_train == 0  # BLIP's queue needs it
+        return
     distill = DistillConfig.from_cfg(cfg.model_cfg.distill)
     assert distill.num_hard_negatives < cfg.run_cfg.batch_size_train
     teacher_class(distill.teacher["arch"])
