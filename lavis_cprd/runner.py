@@ -8,6 +8,7 @@ on ``cuda``, and DDP is given ``device_ids`` of a GPU. This subclass fixes those
 from __future__ import annotations
 
 import contextlib
+from types import SimpleNamespace
 from unittest import mock
 
 import torch
@@ -15,6 +16,7 @@ import torch.distributed as dist
 from lavis.common.dist_utils import is_dist_avail_and_initialized
 from lavis.common.logger import SmoothedValue
 from lavis.common.registry import registry
+from lavis.datasets.datasets import dataloader_utils
 from lavis.runners import runner_base
 from lavis.runners.runner_base import RunnerBase
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -54,8 +56,15 @@ class CprdRunner(RunnerBase):
             return super().create_loaders(*args, **kwargs)
 
     def train(self):
-        with _barrier_without_process_group(), _metric_sync_on(self.device):
+        with _barrier_without_process_group(), _metric_sync_on(self.device), self._no_epoch_sleep():
             return super().train()
+
+    def _no_epoch_sleep(self):
+        """LAVIS's ``IterLoader`` sleeps 2 s at each epoch boundary to let loader worker
+        processes settle; with ``num_workers: 0`` there are none, and small runs lose minutes."""
+        if int(self.config.run_cfg.get("num_workers", 0)) > 0:
+            return contextlib.nullcontext()
+        return mock.patch.object(dataloader_utils, "time", SimpleNamespace(sleep=lambda seconds: None))
 
 
 @contextlib.contextmanager

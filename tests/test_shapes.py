@@ -11,7 +11,7 @@ from PIL import Image
 
 from lavis_cprd.datasets.shapes import COLORS, ShapesSpec, generate
 
-SPEC = ShapesSpec(seed=3, num_train=24, num_val=9, num_test=9, captions_per_image=3, image_size=64)
+SPEC = ShapesSpec(seed=3, num_train=24, num_val=9, num_test=9, captions_per_image=3, image_size=48)
 
 
 def digest(root):
@@ -120,7 +120,7 @@ def test_builder_makes_lavis_retrieval_datasets(tmp_path):
         assert isinstance(ds, RetrievalEvalDataset) and len(ds) == 6 and len(ds.text) == 18
         assert all(len(ds.img2txt[i]) == 3 for i in range(6)) and ds.txt2img[17] == 5
         item = ds[0]
-        assert tuple(item["image"].shape) == (3, 64, 64) and item["index"] == 0
+        assert tuple(item["image"].shape) == (3, 48, 48) and item["index"] == 0
     sample = datasets["train"][0]
     assert set(sample) == {"image", "text_input", "image_id", "instance_id"}
     # Generated once: a second build reuses the folder (its marker file is untouched).
@@ -131,3 +131,13 @@ def test_builder_makes_lavis_retrieval_datasets(tmp_path):
     with pytest.raises(ValueError, match=r"unknown key\(s\) datasets.cprd_shapes.generator.\['num_imgs'\]"):
         cfg.datasets_cfg.cprd_shapes.generator.num_imgs = 3
         registry.get_builder_class("cprd_shapes")(cfg.datasets_cfg.cprd_shapes).spec()
+
+
+def test_each_object_inside_one_patch_cell(generated):
+    """At 48 px each object lies within its own 16-px cell (one ViT patch), middle row."""
+    root, paths = generated
+    for entry in json.load(open(paths["test"])):
+        for o in entry["scene"]:
+            cell = 16
+            assert o["slot"] * cell <= o["x"] - o["r"] and o["x"] + o["r"] <= (o["slot"] + 1) * cell
+            assert cell <= o["y"] - o["r"] and o["y"] + o["r"] <= 2 * cell

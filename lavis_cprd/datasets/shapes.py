@@ -28,8 +28,8 @@ COLORS: Dict[str, tuple] = {
 }
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
-SLOTS = (0.2, 0.5, 0.8)  # x centre of each left-to-right slot, as a fraction of the width
-FORMAT_VERSION = 2
+NUM_SLOTS = 3  # left-to-right cells of a 3x3 grid; objects sit in the middle row
+FORMAT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class ShapesSpec:
     num_val: int = 150
     num_test: int = 150
     captions_per_image: int = 3
-    image_size: int = 64
+    image_size: int = 48
     family_size: int = 3  # images per minimal-pair family (1 = independent scenes)
 
     @property
@@ -52,7 +52,7 @@ class ShapesSpec:
 def random_scene(rng: random.Random) -> List[dict]:
     """Objects sorted left to right; each ``{shape, color, size, slot}``."""
     n = rng.choice((2, 3))
-    slots = sorted(rng.sample(range(len(SLOTS)), n))
+    slots = sorted(rng.sample(range(NUM_SLOTS), n))
     return [
         {"shape": rng.choice(SHAPES), "color": rng.choice(list(COLORS)), "size": rng.choice(SIZES), "slot": s}
         for s in slots
@@ -96,14 +96,19 @@ def captions_for(scene: List[dict], rng: random.Random, k: int) -> List[str]:
 
 
 def render(scene: List[dict], size: int, rng: random.Random) -> Image.Image:
-    """Draw the scene; records each object's drawn centre and radius (``x, y, r``) in it."""
+    """Draw the scene; records each object's drawn centre and radius (``x, y, r``) in it.
+
+    Each object lies inside one cell of a 3x3 grid (a 16-pixel ViT patch at 48 px), so shape,
+    colour and size are local to a patch and the hard part is binding and relations."""
     shade = rng.randint(100, 150)
     img = Image.new("RGB", (size, size), (shade, shade, shade))
     draw = ImageDraw.Draw(img)
+    cell = size / NUM_SLOTS
     for o in scene:
-        r = size * (0.14 if o["size"] == "large" else 0.08)
-        cx = SLOTS[o["slot"]] * size + rng.uniform(-1.5, 1.5)
-        cy = size * 0.5 + rng.uniform(-size * 0.2, size * 0.2)
+        r = cell * (0.42 if o["size"] == "large" else 0.25)
+        slack = cell / 2 - r - 0.5
+        cx = (o["slot"] + 0.5) * cell + rng.uniform(-slack, slack)
+        cy = 1.5 * cell + rng.uniform(-slack, slack)
         o.update(x=round(cx, 2), y=round(cy, 2), r=round(r, 2))
         box = [cx - r, cy - r, cx + r, cy + r]
         color = COLORS[o["color"]]

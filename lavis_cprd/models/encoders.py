@@ -3,7 +3,8 @@
 LAVIS's ``VisionTransformerEncoder.from_config`` only knows ``base``/``large``;
 ``vit_type: custom`` builds the same class at explicit sizes (``vit_patch_size``,
 ``vit_width``, ``vit_depth``, ``vit_heads``). Text towers start from LAVIS's
-``med_config_path`` and take ``text_width/text_depth/text_heads/text_intermediate`` overrides.
+``med_config_path`` and take ``text_width/text_depth/text_heads/text_intermediate/text_dropout``
+overrides.
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ def text_config(cfg, cross_attention: bool, encoder_width: int) -> BertConfig:
         config.num_attention_heads = int(cfg.text_heads)
     if cfg.get("text_intermediate") is not None:
         config.intermediate_size = int(cfg.text_intermediate)
+    if cfg.get("text_dropout") is not None:
+        config.hidden_dropout_prob = config.attention_probs_dropout_prob = float(cfg.text_dropout)
     config.add_cross_attention = cross_attention
     config.encoder_width = encoder_width
     return config

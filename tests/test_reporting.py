@@ -1,0 +1,71 @@
+"""Reporting helpers against direct computations."""
+import numpy as np
+import pytest
+import torch
+from scipy.stats import kendalltau
+
+from lavis_cprd.reporting import (
+    kendall_tau_on_hard_negatives,
+    markdown_table,
+    summarize,
+    teacher_rerank,
+)
+
+
+class TableTeacher:
+    """A fake cross-encoder whose scores are a fixed [n_img, n_txt] table."""
+
+    def __init__(self, table):
+        self.table = torch.as_tensor(table, dtype=torch.float32)
+        self.calls = 0
+
+    def score(self, images, captions, pairs):
+        self.calls += 1
+        return self.table[pairs[:, 0], pairs[:, 1]]
+
+
+class Dataset:
+    def __init__(self, n_img, per):
+        self.img2txt = {i: [per * i + j for j in range(per)] for i in range(n_img)}
+        self.text = [f"t{t}" for t in range(n_img * per)]
+
+
+def test_rerank_reorders_only_the_student_top_k():
+    rng = np.random.default_rng(0)
+    student = rng.uniform(-1, 1, size=(5, 10)).astype(np.float32)
+    table = rng.uniform(0, 1, size=(5, 10))
+    i2t, t2i = teacher_rerank(TableTeacher(table), torch.zeros(5, 3, 4, 4), [str(i) for i in range(10)], student, k=3)
+    for i in range(5):
+        top = np.argsort(-student[i])[:3]
+        order = np.argsort(-i2t[i])
+        assert set(order[:3]) == set(top)  # the top-k stays on top ...
+        assert list(order[:3]) == list(top[np.argsort(-table[i, top])])  # ... in teacher order
+        assert list(order[3:]) == list(np.argsort(-student[i])[3:])  # the rest keeps student order
+    for t in range(10):
+        top = np.argsort(-student[:, t])[:3]
+        assert list(np.argsort(-t2i[t])[:3]) == list(top[np.argsort(-table[top, t])])
+
+
+def test_kendall_tau_on_hard_negatives_excludes_positives():
+    data = Dataset(n_img=4, per=2)
+    rng = np.random.default_rng(1)
+    student = rng.uniform(-1, 1, size=(4, 8))
+    for i in range(4):
+        student[i, data.img2txt[i]] = 5.0  # positives on top: they must be skipped
+    # A teacher agreeing with the student everywhere gives tau = 1; reversed gives -1.
+    assert kendall_tau_on_hard_negatives(TableTeacher(student), None, data, student, k=3) == pytest.approx(1.0)
+    assert kendall_tau_on_hard_negatives(TableTeacher(-student), None, data, student, k=3) == pytest.approx(-1.0)
+    table = rng.uniform(size=(4, 8))
+    expected = []
+    for i in range(4):
+        negs = [t for t in np.argsort(-student[i]) if t not in data.img2txt[i]][:3]
+        expected.append(kendalltau(student[i, negs], table[i, negs]).statistic)
+    assert kendall_tau_on_hard_negatives(TableTeacher(table), None, data, student, k=3) == pytest.approx(np.mean(expected))
+
+
+def test_summary_and_table():
+    runs = [{m: v for m in ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")} for v in (10.0, 20.0, 30.0)]
+    row = summarize("x", runs)
+    assert row["r_mean"] == 20.0 and row["r_mean_std"] == pytest.approx(10.0)
+    table = markdown_table([row, summarize("y", runs[:1])])
+    assert "| x | 3 | 20.0 ± 10.0 |" in table and "| y | 1 | 10.0 |" in table
