@@ -1,8 +1,9 @@
 """``lavis-cprd demo``: the embedded default end to end, offline.
 
 1. data: ``cprd_shapes`` is generated (once) by its LAVIS builder;
-2. teacher: LAVIS's BLIP retrieval objective trains a tiny cross-encoder (skipped when its
-   checkpoint exists);
+2. teacher: ITC pre-training of its towers, then LAVIS's BLIP retrieval objective (ITC + ITM
+   with hard negatives) trains a tiny cross-encoder from them (skipped when its checkpoint
+   exists);
 3. students: the same dual encoder, seed and schedule, trained with ITC only (baseline) and
    with ITC + CPRD distilled from that teacher, for each seed;
 4. evaluation with LAVIS's ``_report_metrics`` on the test split, a Markdown table,
@@ -41,6 +42,7 @@ from lavis_cprd.reporting import (
 )
 
 REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+TEACHER_ITC_CFG = os.path.join(REPO_CONFIGS, "teacher_itc_tiny_shapes.yaml")
 TEACHER_CFG = os.path.join(REPO_CONFIGS, "teacher_blip_tiny_shapes.yaml")
 STUDENT_CFG = os.path.join(REPO_CONFIGS, "cprd_tiny_shapes.yaml")
 METHODS = {"baseline": ["model.distill.loss=none"], "cprd": ["model.distill.loss=cprd"]}
@@ -51,7 +53,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lavis-cprd demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--output", default="output/demo", help="output folder (default: output/demo)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds (default: 0 1 2)")
-    p.add_argument("--teacher-cfg", default=TEACHER_CFG)
+    p.add_argument("--teacher-itc-cfg", default=TEACHER_ITC_CFG, help="teacher stage 1: ITC pre-training of its towers")
+    p.add_argument("--teacher-cfg", default=TEACHER_CFG, help="teacher stage 2: BLIP ITC + ITM fine-tuning")
     p.add_argument("--student-cfg", default=STUDENT_CFG)
     p.add_argument("--teacher-ckpt", default=None, help="use this teacher checkpoint instead of training one")
     p.add_argument("--options", nargs="+", default=[], help="config overrides applied to every run (key=value)")
@@ -111,11 +114,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     t_start = time.time()
     timings: Dict[str, float] = {}
 
-    # 1-2. data + teacher
+    # 1-2. data + teacher (stage 1: ITC-trained towers; stage 2: BLIP's ITC + ITM from them)
     t0 = time.time()
-    teacher_ckpt = args.teacher_ckpt or train_run(
-        args.teacher_cfg, [*args.options, *args.teacher_options], os.path.join(out, "teacher")
-    )
+    teacher_ckpt = args.teacher_ckpt
+    if teacher_ckpt is None:
+        teacher_options = [*args.options, *args.teacher_options]
+        towers = train_run(args.teacher_itc_cfg, teacher_options, os.path.join(out, "teacher_itc"))
+        teacher_ckpt = train_run(args.teacher_cfg, [*teacher_options, f"model.pretrained={towers}"], os.path.join(out, "teacher"))
     timings["teacher"] = time.time() - t0
 
     # 3. students

@@ -13,13 +13,16 @@ from unittest import mock
 
 import torch
 import torch.distributed as dist
-from lavis.common.dist_utils import is_dist_avail_and_initialized
+from lavis.common.dist_utils import get_rank, get_world_size, is_dist_avail_and_initialized
 from lavis.common.logger import SmoothedValue
 from lavis.common.registry import registry
 from lavis.datasets.datasets import dataloader_utils
 from lavis.runners import runner_base
 from lavis.runners.runner_base import RunnerBase
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from lavis_cprd.sampling import GroupedBatchSampler
 
 
 def resolve_device(name: str) -> torch.device:
@@ -49,11 +52,34 @@ class CprdRunner(RunnerBase):
         return self._wrapped_model
 
     def create_loaders(self, *args, **kwargs):
-        if self.cuda_enabled:
+        with contextlib.ExitStack() as stack:
+            if not self.cuda_enabled:
+                # PrefetchLoader only overlaps host-to-GPU copies; off CUDA it cannot be built.
+                stack.enter_context(mock.patch.object(runner_base, "PrefetchLoader", lambda loader: loader))
+            key = self.config.run_cfg.get("group_batches_by", None)
+            if key:
+                stack.enter_context(mock.patch.object(runner_base, "DataLoader", self._grouping_loader(key)))
             return super().create_loaders(*args, **kwargs)
-        # PrefetchLoader only overlaps host-to-GPU copies; off CUDA it cannot even be built.
-        with mock.patch.object(runner_base, "PrefetchLoader", lambda loader: loader):
-            return super().create_loaders(*args, **kwargs)
+
+    def _grouping_loader(self, key: str):
+        """``run.group_batches_by: KEY``: training batches keep items whose annotations share
+        ``KEY`` together (see ``GroupedBatchSampler``); evaluation loaders are unchanged."""
+        seed = int(self.config.run_cfg.get("seed", 42))
+
+        def make(dataset, batch_size=1, shuffle=False, sampler=None, drop_last=False, **kwargs):
+            if not (shuffle or sampler is not None) or not drop_last:  # an evaluation loader
+                return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, drop_last=drop_last, **kwargs)
+            parts = getattr(dataset, "datasets", [dataset])  # LAVIS concatenates each split's datasets
+            annotation = [ann for part in parts for ann in (getattr(part, "annotation", None) or [{}])]
+            if len(annotation) != len(dataset) or any(key not in ann for ann in annotation):
+                raise ValueError(f"run.group_batches_by={key!r}: every training annotation needs a {key!r} entry")
+            batches = GroupedBatchSampler(
+                [ann[key] for ann in annotation], batch_size, seed=seed,
+                num_replicas=get_world_size(), rank=get_rank(),
+            )
+            return DataLoader(dataset, batch_sampler=batches, **kwargs)
+
+        return make
 
     def train(self):
         with _barrier_without_process_group(), _metric_sync_on(self.device), self._no_epoch_sleep():

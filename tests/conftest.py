@@ -90,8 +90,8 @@ def experiment_yaml(path, data_root, splits, output_dir, **overrides):
                         "images": {"storage": data_root},
                     },
                     "vis_processor": {
-                        "train": {"name": "blip_image_eval", "image_size": 64},
-                        "eval": {"name": "blip_image_eval", "image_size": 64},
+                        "train": {"name": "blip_image_eval", "image_size": 48},
+                        "eval": {"name": "blip_image_eval", "image_size": 48},
                     },
                     "text_processor": {"train": {"name": "blip_caption"}, "eval": {"name": "blip_caption"}},
                 }
@@ -118,6 +118,6 @@ def batch():
     """A training batch with repeated images (two captions of image 0 and of image 3)."""
     torch.manual_seed(0)
     ids = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5])
-    images = torch.randn(6, 3, 64, 64)[ids]
+    images = torch.randn(6, 3, 48, 48)[ids]
     captions = [f"a {c} square at the {p}" for c, p in zip(COLORS, ["left", "right", "top", "bottom"] * 2)]
     return {"image": images, "text_input": captions, "image_id": ids}

@@ -70,5 +70,5 @@ def test_demo_reuses_finished_runs(demo_run):
     mtime = os.path.getmtime(teacher)
     log = demo(out)
     assert os.path.getmtime(teacher) == mtime
-    assert log.count("reusing") == 3  # teacher + two students
+    assert log.count("reusing") == 4  # teacher (two stages) + two students
     assert "lavis_cprd.train" not in log.split("reusing")[0]

@@ -101,7 +101,7 @@ def independent_recall(scores_i2t, img2txt, txt2img, ks=(1, 5, 10)):
 def test_compute_sim_matrix_is_dual_encoder_retrieval_and_lavis_metrics_agree(model, tmp_path):
     registry.mapping["paths"]["output_dir"] = str(tmp_path)
     g = torch.Generator().manual_seed(1)
-    images = torch.randn(12, 3, 64, 64, generator=g)
+    images = torch.randn(12, 3, 48, 48, generator=g)
     texts = [f"caption {i} of a shape {i % 5}" for i in range(24)]
     img2txt = {i: [2 * i, 2 * i + 1] for i in range(12)}
     dataset = _EvalSet(images, texts, img2txt)

@@ -14,7 +14,7 @@ import json
 import os
 import random
 from dataclasses import asdict, dataclass
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from PIL import Image, ImageDraw
 
@@ -29,7 +29,7 @@ COLORS: Dict[str, tuple] = {
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
 NUM_SLOTS = 3  # left-to-right cells of a 3x3 grid; objects sit in the middle row
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -121,9 +121,11 @@ def render(scene: List[dict], size: int, rng: random.Random) -> Image.Image:
     return img
 
 
-def scenes(rng: random.Random, n: int, family_size: int) -> List[List[dict]]:
-    """``n`` distinct scenes, in families of a base scene and its minimal-pair twins."""
+def scenes(rng: random.Random, n: int, family_size: int) -> Tuple[List[List[dict]], List[int]]:
+    """``n`` distinct scenes, in families of a base scene and its minimal-pair twins; each
+    object records its ``family`` index."""
     out: List[List[dict]] = []
+    families: List[int] = []
     seen = set()
     while len(out) < n:
         family = [random_scene(rng)]
@@ -138,14 +140,15 @@ def scenes(rng: random.Random, n: int, family_size: int) -> List[List[dict]]:
                 seen.add(describe_all(twin))
                 family.append(twin)
         out.extend(family)
-    return out[:n]
+        families.extend([len(set(families))] * len(family))
+    return out[:n], families[:n]
 
 
 def generate(root: str, spec: ShapesSpec) -> Dict[str, str]:
     """Write ``images/`` and ``annotations/{train,val,test}.json`` under ``root``.
 
-    Train entries are one per caption ``{image, caption, image_id, scene}``; val/test entries
-    one per image ``{image, caption: [...], scene}`` (LAVIS's retrieval format; ``scene`` is
+    Train entries are one per caption ``{image, caption, image_id, family, scene}``; val/test
+    entries one per image ``{image, caption: [...], family, scene}`` (LAVIS's retrieval format; ``scene`` is
     the spec the image was drawn from). Returns split -> annotation path.
     """
     rng = random.Random(spec.seed)
@@ -154,14 +157,18 @@ def generate(root: str, spec: ShapesSpec) -> Dict[str, str]:
     paths, counter = {}, 0
     for split, n in (("train", spec.num_train), ("val", spec.num_val), ("test", spec.num_test)):
         entries = []
-        for scene in scenes(rng, n, spec.family_size):
+        split_scenes, families = scenes(rng, n, spec.family_size)
+        for scene, family in zip(split_scenes, families):
             image = f"images/{split}_{counter:06d}.png"
             render(scene, spec.image_size, rng).save(os.path.join(root, image))
             caps = captions_for(scene, rng, spec.captions_per_image)
             if split == "train":
-                entries += [{"image": image, "caption": c, "image_id": f"{split}_{counter}", "scene": scene} for c in caps]
+                entries += [
+                    {"image": image, "caption": c, "image_id": f"{split}_{counter}", "family": f"{split}_{family}", "scene": scene}
+                    for c in caps
+                ]
             else:
-                entries.append({"image": image, "caption": caps, "scene": scene})
+                entries.append({"image": image, "caption": caps, "family": f"{split}_{family}", "scene": scene})
             counter += 1
         paths[split] = os.path.join(root, "annotations", f"{split}.json")
         with open(paths[split], "w") as f:

@@ -4,7 +4,11 @@ The cross-encoder teacher of the embedded default is trained with LAVIS's own ma
 ``BlipRetrieval``'s ITC + ITM-with-hard-negatives objective (momentum distillation included),
 LAVIS's ``retrieval`` task and runner. This subclass only changes construction: towers of
 explicit sizes (``vit_type: custom``, ``text_*``), an optional pre-trained text tower
-(``text_pretrained``), a local tokenizer, and random init when no checkpoint is configured.
+(``text_pretrained``), a local tokenizer, random init when no checkpoint is configured, and
+momentum encoders copied from the *loaded* towers. ``pretrained`` may be a checkpoint of a
+``cprd_dual_encoder`` with the same tower sizes: BLIP's ITM is fine-tuned from ITC-trained
+towers (cross-attention layers start random); trained from scratch, ITM's gradients through
+the shared text tower stall ITC.
 Its checkpoints use BLIP's key names, so ``blip_image_text_matching`` teachers load them.
 """
 from __future__ import annotations
@@ -42,9 +46,16 @@ class CprdBlipRetrieval(BlipRetrieval):
         )
         if cfg.get("load_finetuned", False) and cfg.get("finetuned"):
             model.load_checkpoint(cfg.finetuned)
+        elif cfg.get("pretrained") and os.path.isfile(cfg.pretrained):
+            # A local checkpoint (e.g. ITC-trained towers): BlipBase.load_from_pretrained
+            # expects BLIP's momentum keys, which LAVIS runner checkpoints never hold.
+            model.load_checkpoint(cfg.pretrained)
         elif cfg.get("pretrained"):
             model.load_from_pretrained(cfg.pretrained)
         else:
             logging.info("cprd_blip_retrieval: no checkpoint configured, towers start as configured")
+        # BlipRetrieval copies its momentum encoders at construction, before any weights are
+        # loaded, and LAVIS checkpoints omit them (frozen): copy again from the loaded towers.
+        model.copy_params()
         model.reset_queue_ptr()
         return model

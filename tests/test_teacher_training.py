@@ -1,0 +1,52 @@
+"""The embedded default's teacher chain: ITC-trained towers -> cprd_blip_retrieval (LAVIS's
+BLIP retrieval objective) -> a checkpoint the blip_image_text_matching adapter loads."""
+import torch
+from lavis.common.registry import registry
+from lavis.models.blip_models.blip_image_text_matching import BlipITM
+from omegaconf import OmegaConf
+
+from conftest import TOKENIZER
+from lavis_cprd.models.blip_retrieval import CprdBlipRetrieval
+from lavis_cprd.models.dual_encoder import CprdDualEncoder
+from lavis_cprd.teachers import build_teacher
+
+SIZES = dict(vit_type="custom", image_size=48, vit_patch_size=16, vit_width=32, vit_depth=1, vit_heads=2,
+             text_width=32, text_depth=1, text_heads=2, embed_dim=32, max_txt_len=16, tokenizer_path=TOKENIZER)
+
+
+def test_registered():
+    assert registry.get_model_class("cprd_blip_retrieval") is CprdBlipRetrieval
+
+
+def test_towers_load_from_a_dual_encoder_checkpoint_with_momentum_copies(tmp_path):
+    torch.manual_seed(0)
+    towers = CprdDualEncoder.from_config(OmegaConf.create({**SIZES, "distill": {"loss": "none"}}))
+    path = tmp_path / "towers.pth"
+    torch.save({"model": towers.state_dict()}, path)
+    model = CprdBlipRetrieval.from_config(OmegaConf.create({**SIZES, "queue_size": 8, "pretrained": str(path)}))
+    mine = model.state_dict()
+    for key, value in towers.state_dict().items():
+        torch.testing.assert_close(mine[key], value, msg=key)
+    for online, momentum in model.model_pairs:
+        for p, p_m in zip(online.parameters(), momentum.parameters()):
+            torch.testing.assert_close(p, p_m)
+    # Cross-attention layers exist only in the cross-encoder and start fresh.
+    assert any("crossattention" in k for k in mine) and not any("crossattention" in k for k in towers.state_dict())
+
+
+def test_blip_itm_adapter_loads_a_trained_teacher_checkpoint(tmp_path):
+    torch.manual_seed(1)
+    cfg = OmegaConf.create({**SIZES, "queue_size": 8, "arch": "cprd_blip_retrieval"})
+    trained = CprdBlipRetrieval.from_config(cfg).eval()
+    path = tmp_path / "checkpoint_best.pth"
+    # As LAVIS's runner writes it: frozen (momentum) params dropped, the config stored.
+    frozen = {n for n, p in trained.named_parameters() if not p.requires_grad}
+    torch.save({"model": {k: v for k, v in trained.state_dict().items() if k not in frozen},
+                "config": {"model": OmegaConf.to_container(cfg)}}, path)
+
+    teacher = build_teacher(OmegaConf.create({"arch": "blip_image_text_matching", "checkpoint": str(path)}))
+    images = torch.randn(3, 3, 48, 48)
+    captions = ["a red circle left of a blue square", "a small green triangle", "a white square"]
+    pairs = torch.cartesian_prod(torch.arange(3), torch.arange(3))
+    expected = BlipITM.forward(trained, {"image": images[pairs[:, 0]], "text_input": [captions[j] for j in pairs[:, 1]]}, match_head="itm")
+    torch.testing.assert_close(teacher.score(images, captions, pairs), expected.softmax(-1)[:, 1], rtol=1e-5, atol=1e-6)
