@@ -141,3 +141,15 @@ def test_each_object_inside_one_patch_cell(generated):
             cell = 16
             assert o["slot"] * cell <= o["x"] - o["r"] and o["x"] + o["r"] <= (o["slot"] + 1) * cell
             assert cell <= o["y"] - o["r"] and o["y"] + o["r"] <= 2 * cell
+
+
+def test_every_caption_is_true_of_exactly_one_scene_in_its_split(generated):
+    """No false negatives: a caption never also describes another image of its split."""
+    _, paths = generated
+    for split, path in paths.items():
+        entries = json.load(open(path))
+        scenes = {e["image"]: e["scene"] for e in entries}
+        captions = {(c, e["image"]) for e in entries for c in ([e["caption"]] if split == "train" else e["caption"])}
+        for caption, image in captions:
+            holders = [img for img, scene in scenes.items() if caption_holds(caption, scene)]
+            assert holders == [image], (split, caption, holders)

@@ -9,6 +9,7 @@ beats separate encoders. Everything is deterministic in ``ShapesSpec.seed``.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ COLORS: Dict[str, tuple] = {
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
 NUM_SLOTS = 3  # left-to-right cells of a 3x3 grid; objects sit in the middle row
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -77,20 +78,35 @@ def describe_all(scene: List[dict]) -> str:
     return ", ".join(name(o, True) for o in scene)
 
 
-def caption_pool(scene: List[dict]) -> List[str]:
-    """Captions true of the scene; each binds attributes to objects."""
+def caption_pool(scene: List[dict]) -> List[Tuple[str, tuple]]:
+    """Captions true of the scene, each with a key: two scenes share the key iff the caption
+    is true of both. Every caption binds attributes to objects."""
+    kind = lambda o: (o["color"], o["shape"])  # noqa: E731
+    full = lambda o: (o["size"], o["color"], o["shape"])  # noqa: E731
     pool = []
-    for a, b in zip(scene, scene[1:]):
-        pool += [f"a {name(a)} left of a {name(b)}", f"a {name(b)} right of a {name(a)}"]
-    pool.append("from left to right " + " then ".join(f"a {name(o, True)}" for o in scene))
-    pool.append(" and ".join(f"a {name(o, True)}" for o in scene))
+    for i, a in enumerate(scene):
+        for b in scene[i + 1 :]:  # a is left of b
+            key = ("pair", kind(a), kind(b))
+            pool += [(f"a {name(a)} left of a {name(b)}", key), (f"a {name(b)} right of a {name(a)}", key)]
+    pool.append(("from left to right " + " then ".join(f"a {name(o, True)}" for o in scene), ("seq", tuple(map(full, scene)))))
+    pool.append((" and ".join(f"a {name(o, True)}" for o in scene), ("set", tuple(sorted(map(full, scene))))))
     if len(scene) == 3:
-        pool.append(f"a {name(scene[1])} between a {name(scene[0])} and a {name(scene[2])}")
+        pool.append((f"a {name(scene[1])} between a {name(scene[0])} and a {name(scene[2])}", ("between", tuple(map(kind, scene)))))
     return pool
 
 
-def captions_for(scene: List[dict], rng: random.Random, k: int) -> List[str]:
-    pool = caption_pool(scene)
+def caption_keys(scene: List[dict]) -> set:
+    """Every key of a caption that is true of the scene (a pair key for each ordered pair)."""
+    return {key for _, key in caption_pool(scene)}
+
+
+def captions_for(scene: List[dict], rng: random.Random, k: int, key_counts: Dict[tuple, int]) -> List[str]:
+    """``k`` captions of the scene, preferring captions true of no other scene in its split
+    (``key_counts``: how many scenes of the split each caption key is true of). Partial
+    captions true of other images would be false negatives for contrastive and ITM losses,
+    and for the evaluation. The full left-to-right description is always unique."""
+    pool = [text for text, key in caption_pool(scene) if key_counts[key] == 1]
+    pool = sorted(set(pool), key=pool.index)
     rng.shuffle(pool)
     return [pool[i % len(pool)] for i in range(k)]
 
@@ -158,10 +174,11 @@ def generate(root: str, spec: ShapesSpec) -> Dict[str, str]:
     for split, n in (("train", spec.num_train), ("val", spec.num_val), ("test", spec.num_test)):
         entries = []
         split_scenes, families = scenes(rng, n, spec.family_size)
+        key_counts: Dict[tuple, int] = collections.Counter(k for sc in split_scenes for k in caption_keys(sc))
         for scene, family in zip(split_scenes, families):
             image = f"images/{split}_{counter:06d}.png"
             render(scene, spec.image_size, rng).save(os.path.join(root, image))
-            caps = captions_for(scene, rng, spec.captions_per_image)
+            caps = captions_for(scene, rng, spec.captions_per_image, key_counts)
             if split == "train":
                 entries += [
                     {"image": image, "caption": c, "image_id": f"{split}_{counter}", "family": f"{split}_{family}", "scene": scene}
