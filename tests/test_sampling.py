@@ -1,6 +1,5 @@
 import collections
 
-import pytest
 
 from lavis_cprd.sampling import GroupedBatchSampler
 
