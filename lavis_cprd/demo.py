@@ -159,7 +159,7 @@ def evaluate(args, out: str, teacher_ckpt: str, student_ckpts: Dict[str, Dict[in
 
     from lavis_cprd.models.dual_encoder import dual_encoder_sim_matrix
     from lavis_cprd.runner import resolve_device
-    from lavis_cprd.teachers import build_teacher
+    from lavis_cprd.teachers import BlipITMTeacher
 
     device = resolve_device("auto")
     dataset, cfg = eval_split(args.student_cfg, [*args.options, *args.student_options])
@@ -181,7 +181,8 @@ def evaluate(args, out: str, teacher_ckpt: str, student_ckpts: Dict[str, Dict[in
     k_test = int(cfg.run_cfg.get("k_test", 16))
     own = teacher_model.compute_sim_matrix(loader, task_cfg=OmegaConf.create({"k_test": k_test}))
     teacher_itc = dual_encoder_sim_matrix(teacher_model, loader)
-    teacher = build_teacher(OmegaConf.create({"arch": "blip_image_text_matching", "checkpoint": teacher_ckpt}))
+    # The adapter only needs BLIP's ITM parts, which the loaded BlipRetrieval already has.
+    teacher = BlipITMTeacher(teacher_model)
     first_seed = min(student_ckpts["baseline"])
     baseline_i2t = sims[f"baseline_seed{first_seed}"]
     reranked = teacher_rerank(teacher, images, dataset.text, baseline_i2t, args.rerank_k)

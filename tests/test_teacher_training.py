@@ -50,3 +50,23 @@ def test_blip_itm_adapter_loads_a_trained_teacher_checkpoint(tmp_path):
     pairs = torch.cartesian_prod(torch.arange(3), torch.arange(3))
     expected = BlipITM.forward(trained, {"image": images[pairs[:, 0]], "text_input": [captions[j] for j in pairs[:, 1]]}, match_head="itm")
     torch.testing.assert_close(teacher.score(images, captions, pairs), expected.softmax(-1)[:, 1], rtol=1e-5, atol=1e-6)
+
+
+def test_text_tower_from_pretrained_minilm():
+    """``text_pretrained``: sizes and weights from the packaged MiniLM, vocabulary grown to BLIP's,
+    cross-attention layers added."""
+    from transformers import BertModel
+
+    from lavis_cprd.models.encoders import BLIP_VOCAB_SIZE, build_text_encoder
+    from lavis_cprd.tokenization import resolve_tokenizer_path
+
+    encoder = build_text_encoder(OmegaConf.create({"text_pretrained": TOKENIZER}), cross_attention=True, encoder_width=32)
+    reference = BertModel.from_pretrained(resolve_tokenizer_path(TOKENIZER), add_pooling_layer=False)
+    assert encoder.config.hidden_size == 384 and encoder.config.num_hidden_layers == 6
+    words = encoder.embeddings.word_embeddings.weight
+    assert words.shape == (BLIP_VOCAB_SIZE, 384)
+    torch.testing.assert_close(words[: reference.config.vocab_size], reference.embeddings.word_embeddings.weight)
+    layer, ref_layer = encoder.encoder.layer[5], reference.encoder.layer[5]
+    torch.testing.assert_close(layer.attention.self.query.weight, ref_layer.attention.self.query.weight)
+    torch.testing.assert_close(layer.output.dense.weight, ref_layer.output.dense.weight)
+    assert layer.crossattention.self.key.weight.shape == (384, 32)

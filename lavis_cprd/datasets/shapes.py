@@ -101,12 +101,12 @@ def caption_keys(scene: List[dict]) -> set:
 
 
 def captions_for(scene: List[dict], rng: random.Random, k: int, key_counts: Dict[tuple, int]) -> List[str]:
-    """``k`` captions of the scene, preferring captions true of no other scene in its split
-    (``key_counts``: how many scenes of the split each caption key is true of). Partial
-    captions true of other images would be false negatives for contrastive and ITM losses,
-    and for the evaluation. The full left-to-right description is always unique."""
-    pool = [text for text, key in caption_pool(scene) if key_counts[key] == 1]
-    pool = sorted(set(pool), key=pool.index)
+    """``k`` captions of the scene, only ones true of no other scene in its split
+    (``key_counts``: how many scenes of the split each caption key is true of), repeated when
+    fewer than ``k`` exist. Partial captions true of other images would be false negatives for
+    contrastive and ITM losses, and for the evaluation. The full left-to-right description is
+    always unique, since the scenes of a split are distinct."""
+    pool = list(dict.fromkeys(text for text, key in caption_pool(scene) if key_counts[key] == 1))
     rng.shuffle(pool)
     return [pool[i % len(pool)] for i in range(k)]
 
@@ -138,8 +138,8 @@ def render(scene: List[dict], size: int, rng: random.Random) -> Image.Image:
 
 
 def scenes(rng: random.Random, n: int, family_size: int) -> Tuple[List[List[dict]], List[int]]:
-    """``n`` distinct scenes, in families of a base scene and its minimal-pair twins; each
-    object records its ``family`` index."""
+    """``n`` distinct scenes, in families of a base scene and its minimal-pair twins, and the
+    family index of each scene."""
     out: List[List[dict]] = []
     families: List[int] = []
     seen = set()
@@ -164,8 +164,8 @@ def generate(root: str, spec: ShapesSpec) -> Dict[str, str]:
     """Write ``images/`` and ``annotations/{train,val,test}.json`` under ``root``.
 
     Train entries are one per caption ``{image, caption, image_id, family, scene}``; val/test
-    entries one per image ``{image, caption: [...], family, scene}`` (LAVIS's retrieval format; ``scene`` is
-    the spec the image was drawn from). Returns split -> annotation path.
+    entries one per image ``{image, caption: [...], family, scene}`` (LAVIS's retrieval format;
+    ``scene`` is the spec the image was drawn from). Returns split -> annotation path.
     """
     rng = random.Random(spec.seed)
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
