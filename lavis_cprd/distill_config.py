@@ -18,6 +18,10 @@ class DistillConfig:
     # negative (method.md). 0.1 is a placeholder until tuned on a val split with a trained teacher.
     valid_threshold: float = 0.1
     drop_above_positive: bool = False
+    # Epochs of ITC alone before distillation starts (0 = from the first step). A student
+    # trained from scratch first needs embeddings whose hard negatives mean something: the
+    # paper distils into pre-trained students.
+    start_epoch: int = 0
     teacher: Dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -39,6 +43,9 @@ class DistillConfig:
         if int(self.num_hard_negatives) < 1:
             raise ValueError(f"model.distill.num_hard_negatives must be >= 1, got {self.num_hard_negatives}")
         self.num_hard_negatives = int(self.num_hard_negatives)
+        if int(self.start_epoch) < 0:
+            raise ValueError(f"model.distill.start_epoch must be >= 0, got {self.start_epoch}")
+        self.start_epoch = int(self.start_epoch)
         self.weight = float(self.weight)
         self.valid_threshold = float(self.valid_threshold)
         if self.loss != "none":

@@ -56,9 +56,12 @@ class CprdRetrievalTask(RetrievalTask):
                 self._epoch_terms[term].append(float(value))
         return output["loss"]
 
-    def train_epoch(self, *args, **kwargs):
+    def train_epoch(self, epoch, model, **kwargs):  # LAVIS's runner passes keywords
+        unwrapped = getattr(model, "module", model)  # DDP wraps the model
+        if hasattr(unwrapped, "set_epoch"):
+            unwrapped.set_epoch(epoch)
         self._epoch_terms.clear()
-        stats = super().train_epoch(*args, **kwargs)
+        stats = super().train_epoch(epoch=epoch, model=model, **kwargs)
         for term, values in self._epoch_terms.items():
             stats[term] = "{:.4f}".format(sum(values) / len(values))
         logging.info("Epoch means: %s", {k: stats[k] for k in self._epoch_terms})

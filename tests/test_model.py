@@ -119,6 +119,36 @@ def test_compute_sim_matrix_is_dual_encoder_retrieval_and_lavis_metrics_agree(mo
         assert metrics[key] == pytest.approx(value), key
 
 
+def test_distillation_starts_at_start_epoch(batch):
+    """Before ``distill.start_epoch`` the loss is ITC alone and the teacher is never built;
+    from it on, ITC + CPRD. The task sets the epoch (through DDP's wrapper too)."""
+    from unittest import mock
+
+    from lavis.tasks.base_task import BaseTask
+
+    from lavis_cprd.tasks import CprdRetrievalTask
+
+    torch.manual_seed(0)
+    m = CprdDualEncoder.from_config(tiny_model_cfg(num_hard_negatives=3, valid_threshold=0.0, start_epoch=2)).eval()
+    m.set_epoch(1)
+    early = m(batch)
+    assert early.loss_distill is None and m._teacher is None
+    assert early.loss.item() == pytest.approx(early.loss_itc.item())
+    wrapped = torch.nn.Module()
+    wrapped.module = m
+    task = CprdRetrievalTask.__new__(CprdRetrievalTask)
+    task._epoch_terms = {}
+    with mock.patch.object(BaseTask, "train_epoch", return_value={}) as lavis_loop:  # LAVIS's step loop
+        task.train_epoch(epoch=2, model=wrapped, data_loader=None, optimizer=None, lr_scheduler=None)
+    assert lavis_loop.call_args.kwargs["model"] is wrapped
+    assert m.epoch == 2 and m.distilling
+    late = m(batch)
+    assert late.loss_distill is not None and late.loss_distill.item() > 0
+    assert late.loss.item() == pytest.approx(late.loss_itc.item() + late.loss_distill.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="start_epoch must be >= 0"):
+        CprdDualEncoder.from_config(tiny_model_cfg(start_epoch=-1))
+
+
 def test_config_errors_are_clear():
     with pytest.raises(ValueError, match=r"model.distill.loss='cprdd' is not one of \['none', 'cprd'\]"):
         CprdDualEncoder.from_config(tiny_model_cfg(loss="cprdd"))

@@ -70,6 +70,7 @@ class CprdDualEncoder(BlipBase):
         self.distill = distill or DistillConfig()
         self.tokenizer_path = tokenizer_path
         self._teacher: Optional[CrossEncoderTeacher] = None
+        self.epoch = 0  # set by the task each training epoch (distill.start_epoch)
 
     # ----------------------------------------------------------------- encoders
     def tokenize(self, captions, device) -> "object":
@@ -102,6 +103,14 @@ class CprdDualEncoder(BlipBase):
         self._teacher = teacher
 
     # ------------------------------------------------------------------ training
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    @property
+    def distilling(self) -> bool:
+        """Whether this epoch's loss includes the distillation term."""
+        return self.distill.needs_teacher and self.epoch >= self.distill.start_epoch
+
     def forward(self, samples) -> CprdOutput:
         image, captions, image_ids = samples["image"], samples["text_input"], samples["image_id"]
         image_ids = image_ids.to(image.device).view(-1)
@@ -120,7 +129,7 @@ class CprdDualEncoder(BlipBase):
         pos = positive_mask(image_ids, image_ids_all)
         loss_itc = itc_loss(sim_i2t / self.temp, sim_t2i / self.temp, pos, pos)
 
-        if not self.distill.needs_teacher:
+        if not self.distilling:
             return CprdOutput(loss=loss_itc, loss_itc=loss_itc)
 
         loss_distill, valid = self._cprd(image, captions, image_ids, image_ids_all, sim_i2t, sim_t2i)
