@@ -22,6 +22,10 @@ class DistillConfig:
     # trained from scratch first needs embeddings whose hard negatives mean something: the
     # paper distils into pre-trained students.
     start_epoch: int = 0
+    # Whether the distillation term leaves the learnable temperature alone (x = s / sg(tau)).
+    # When the student cannot yet reproduce the teacher's order, the ranking loss is lowest
+    # with flat logits, so it pulls tau up; that weakens ITC, which shares tau.
+    detach_temperature: bool = False
     teacher: Dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -46,6 +50,8 @@ class DistillConfig:
         if int(self.start_epoch) < 0:
             raise ValueError(f"model.distill.start_epoch must be >= 0, got {self.start_epoch}")
         self.start_epoch = int(self.start_epoch)
+        if not isinstance(self.detach_temperature, bool):
+            raise ValueError(f"model.distill.detach_temperature must be true or false, got {self.detach_temperature!r}")
         self.weight = float(self.weight)
         self.valid_threshold = float(self.valid_threshold)
         if self.loss != "none":

@@ -149,6 +149,25 @@ def test_distillation_starts_at_start_epoch(batch):
         CprdDualEncoder.from_config(tiny_model_cfg(start_epoch=-1))
 
 
+def test_detach_temperature_keeps_distillation_off_tau(batch):
+    """``detach_temperature``: same loss value, but the distillation term sends no gradient
+    to the learnable temperature (and still does to the towers)."""
+    grads = {}
+    for detach in (False, True):
+        torch.manual_seed(0)
+        m = CprdDualEncoder.from_config(tiny_model_cfg(num_hard_negatives=3, valid_threshold=0.0, detach_temperature=detach))
+        m.eval()
+        out = m(batch)
+        out.loss_distill.backward()
+        grads[detach] = (out.loss_distill.item(), m.temp.grad, m.vision_proj.weight.grad.abs().sum().item())
+    value, temp_grad, tower_grad = grads[True]
+    assert value == pytest.approx(grads[False][0], rel=1e-6)
+    assert temp_grad is None or temp_grad.abs().item() == 0.0
+    assert grads[False][1].abs().item() > 0 and tower_grad > 0
+    with pytest.raises(ValueError, match="detach_temperature must be true or false"):
+        CprdDualEncoder.from_config(tiny_model_cfg(detach_temperature="yes"))
+
+
 def test_config_errors_are_clear():
     with pytest.raises(ValueError, match=r"model.distill.loss='cprdd' is not one of \['none', 'cprd'\]"):
         CprdDualEncoder.from_config(tiny_model_cfg(loss="cprdd"))

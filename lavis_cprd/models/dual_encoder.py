@@ -174,8 +174,9 @@ class CprdDualEncoder(BlipBase):
         pos_i2t = scores[n_i + n_t : n_i + n_t + len(image_queries)]
         pos_t2i = scores[n_i + n_t + len(image_queries) :]
 
-        x_i2t = sim_i2t[image_queries].gather(1, neg_texts) / self.temp
-        x_t2i = sim_t2i.gather(1, neg_images) / self.temp
+        temp = self.temp.detach() if cfg.detach_temperature else self.temp
+        x_i2t = sim_i2t[image_queries].gather(1, neg_texts) / temp
+        x_t2i = sim_t2i.gather(1, neg_images) / temp
         loss_i2t, valid_i2t = self._cprd_direction(x_i2t, t_i2t, pos_i2t)
         loss_t2i, valid_t2i = self._cprd_direction(x_t2i, t_t2i, pos_t2i)
         valid = torch.cat([valid_i2t, valid_t2i]).float().sum(1).mean()
