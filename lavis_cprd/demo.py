@@ -33,12 +33,15 @@ from omegaconf import OmegaConf
 
 from lavis_cprd.launch import load_config
 from lavis_cprd.reporting import (
+    family_chance,
+    family_pairs,
     kendall_tau_on_hard_negatives,
     markdown_table,
     plot_score_distributions,
     score_distributions,
     summarize,
     teacher_rerank,
+    within_family_accuracy,
 )
 
 REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -147,6 +150,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         f.write(table + "\n")
     print("\n" + table)
     print(f"\nKendall tau (teacher vs student order on hard negatives): {results['kendall_tau']}")
+    if results["within_family_accuracy"]:
+        binding = {k: round(float(np.mean(v)), 3) for k, v in results["within_family_accuracy"].items()}
+        print(f"Within-family (binding) accuracy, mean over seeds: {binding}")
     print(f"Wrote {out}/results.md, results.json, score_distributions.png ({timings['total'] / 60:.1f} min)")
     return results
 
@@ -201,8 +207,20 @@ def evaluate(args, out: str, teacher_ckpt: str, student_ckpts: Dict[str, Dict[in
         method: kendall_tau_on_hard_negatives(teacher, images, dataset, sims[f"{method}_seed{first_seed}"], k=max(k_hard, 8))
         for method in student_ckpts
     }
+    binding = None
+    if dataset.annotation and "family" in dataset.annotation[0]:  # minimal-pair data (cprd_shapes)
+        pairs = family_pairs([a["family"] for a in dataset.annotation], dataset.txt2img)
+        itm = teacher.score(images, list(dataset.text), torch.from_numpy(pairs)).cpu().numpy()
+        accuracy = lambda i2t: within_family_accuracy(i2t[pairs[:, 0], pairs[:, 1]], pairs, dataset.txt2img)  # noqa: E731
+        binding = {
+            "chance": family_chance(pairs),
+            "teacher_itm": within_family_accuracy(itm, pairs, dataset.txt2img),
+            "teacher_itc": accuracy(teacher_itc[0]),
+            **{m: [accuracy(sims[f"{m}_seed{seed}"]) for seed in sorted(by_seed)] for m, by_seed in student_ckpts.items()},
+        }
     return {
         "table": table,
+        "within_family_accuracy": binding,
         "runs": runs,
         "seeds": sorted(student_ckpts["baseline"]),
         "kendall_tau": tau,

@@ -1,5 +1,6 @@
 """Reporting helpers: metric tables over seeds, teacher re-ranking, the paper's finding-1
-score distributions and Kendall's tau between teacher and student orders."""
+score distributions, Kendall's tau between teacher and student orders, and within-family
+(binding) accuracy on minimal-pair data."""
 from __future__ import annotations
 
 from typing import Dict, List, Sequence, Tuple
@@ -130,3 +131,32 @@ def kendall_tau_on_hard_negatives(teacher, images, dataset, student_i2t: np.ndar
     s = student_i2t[pairs[:, 0], pairs[:, 1]].reshape(-1, k)
     taus = [kendalltau(a, b).statistic for a, b in zip(s, t)]
     return float(np.nanmean(taus))
+
+
+def family_pairs(families: Sequence, txt2img: Dict[int, int]) -> np.ndarray:
+    """``(image, text)`` pairs ``[P, 2]``: every text with every image of its own image's
+    minimal-pair family (``families[i]`` is image ``i``'s family id), its own image included."""
+    by_family: Dict = {}
+    for i, f in enumerate(families):
+        by_family.setdefault(f, []).append(i)
+    return np.array([(i, t) for t in sorted(txt2img) for i in by_family[families[txt2img[t]]]], dtype=np.int64)
+
+
+def within_family_accuracy(pair_scores: np.ndarray, pairs: np.ndarray, txt2img: Dict[int, int]) -> float:
+    """Fraction of texts whose own image scores highest among their family's images (ties
+    count as misses). Family members share their words and differ in which attribute binds to
+    which object, so this measures binding; chance is the mean of 1 / family size."""
+    best: Dict[int, Tuple[float, List[int]]] = {}
+    for (i, t), s in zip(pairs.tolist(), np.asarray(pair_scores, dtype=float).tolist()):
+        top, arg = best.get(t, (-np.inf, []))
+        if s > top:
+            best[t] = (s, [i])
+        elif s == top:
+            arg.append(i)
+    return float(np.mean([arg == [txt2img[t]] for t, (_, arg) in best.items()]))
+
+
+def family_chance(pairs: np.ndarray) -> float:
+    """Expected within-family accuracy of a random scorer: mean over texts of 1 / family size."""
+    sizes = np.bincount(pairs[:, 1])
+    return float(np.mean(1.0 / sizes[sizes > 0]))

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -13,7 +14,7 @@ from conftest import REPO
 MICRO = [
     "--options", "datasets.cprd_shapes.generator.num_train=48", "datasets.cprd_shapes.generator.num_val=12",
     "datasets.cprd_shapes.generator.num_test=12", "run.max_epoch=1", "run.batch_size_train=16", "run.k_test=8",
-    "model.distill.num_hard_negatives=3",
+    "model.distill.num_hard_negatives=3", "model.distill.start_epoch=0",  # one epoch: distil from the start
 ]
 
 
@@ -45,6 +46,11 @@ def test_demo_writes_table_json_figure(demo_run):
     assert all(-1 <= t <= 1 for t in results["kendall_tau"].values())
     assert set(results["score_distributions"]) == {"positive", "hard negative", "easy negative"}
     assert results["score_distributions"]["positive"]["pairs"] == 12 * 3
+    binding = results["within_family_accuracy"]
+    assert set(binding) == {"chance", "teacher_itm", "teacher_itc", "baseline", "cprd"}
+    assert len(binding["baseline"]) == len(binding["cprd"]) == 1
+    assert 1 / 3 <= binding["chance"] <= 1  # families of at most 3 images
+    assert all(0 <= a <= 1 for v in binding.values() for a in np.atleast_1d(v))
     table = open(out / "results.md").read()
     assert table.startswith("| model | seeds | txt_r1") and "student: ITC + CPRD" in table
     assert "| student: ITC + CPRD |" in log  # printed too

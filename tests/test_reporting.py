@@ -5,10 +5,13 @@ import torch
 from scipy.stats import kendalltau
 
 from lavis_cprd.reporting import (
+    family_chance,
+    family_pairs,
     kendall_tau_on_hard_negatives,
     markdown_table,
     summarize,
     teacher_rerank,
+    within_family_accuracy,
 )
 
 
@@ -69,3 +72,26 @@ def test_summary_and_table():
     assert row["r_mean"] == 20.0 and row["r_mean_std"] == pytest.approx(10.0)
     table = markdown_table([row, summarize("y", runs[:1])])
     assert "| x | 3 | 20.0 ± 10.0 |" in table and "| y | 1 | 10.0 |" in table
+
+
+def test_within_family_accuracy_by_hand():
+    # images 0,1,2 form family "a"; 3,4 family "b"; texts 0..4 belong to images 0..4.
+    families = ["a", "a", "a", "b", "b"]
+    txt2img = {0: 0, 1: 1, 2: 2, 3: 3, 4: 4}
+    pairs = family_pairs(families, txt2img)
+    assert sorted(map(tuple, pairs.tolist())) == sorted(
+        [(i, t) for t in range(3) for i in range(3)] + [(i, t) for t in (3, 4) for i in (3, 4)]
+    )
+    assert family_chance(pairs) == pytest.approx((3 * (1 / 3) + 2 * (1 / 2)) / 5)
+    sim = np.array([  # rows: images, columns: texts
+        [0.9, 0.1, 0.5, 0.0, 0.0],
+        [0.2, 0.8, 0.5, 0.0, 0.0],  # text 2: a three-way tie -> miss
+        [0.3, 0.9, 0.5, 0.0, 0.0],  # text 1: image 2 beats its own image 1 -> miss
+        [0.0, 0.0, 0.0, 0.4, 0.7],  # text 4: image 3 beats its own image 4 -> miss
+        [0.0, 0.0, 0.0, 0.3, 0.6],
+    ])
+    acc = within_family_accuracy(sim[pairs[:, 0], pairs[:, 1]], pairs, txt2img)
+    assert acc == pytest.approx(2 / 5)  # texts 0 and 3
+    # Scores outside a family never matter: a huge cross-family score changes nothing.
+    sim[3, 0] = 10.0
+    assert within_family_accuracy(sim[pairs[:, 0], pairs[:, 1]], pairs, txt2img) == pytest.approx(2 / 5)
