@@ -6,7 +6,11 @@ from typing import Any, Dict
 
 from omegaconf import DictConfig, OmegaConf
 
-DISTILL_LOSSES = ("none", "cprd")
+# Each loss and the candidates it reads per query: "hard" = the positive and the K mined hard
+# negatives, "all" = the positive and every in-batch negative (method.md).
+LOSS_CANDIDATES = {"cprd": "hard", "loopitr": "hard", "margin_mse": "hard", "kl": "all", "listmle_full": "all"}
+DISTILL_LOSSES = ("none", *LOSS_CANDIDATES)
+MINING_SCOPES = ("gathered", "local")
 
 
 @dataclass
@@ -26,6 +30,10 @@ class DistillConfig:
     # When the student cannot yet reproduce the teacher's order, the ranking loss is lowest
     # with flat logits, so it pulls tau up; that weakens ITC, which shares tau.
     detach_temperature: bool = False
+    # Temperature T_t of the teacher logits in the KL-style losses (kl, loopitr).
+    teacher_temp: float = 1.0
+    # Where negatives are mined: the batch gathered over all ranks, or this rank's own part.
+    mining_scope: str = "gathered"
     teacher: Dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -52,6 +60,11 @@ class DistillConfig:
         self.start_epoch = int(self.start_epoch)
         if not isinstance(self.detach_temperature, bool):
             raise ValueError(f"model.distill.detach_temperature must be true or false, got {self.detach_temperature!r}")
+        if float(self.teacher_temp) <= 0:
+            raise ValueError(f"model.distill.teacher_temp must be > 0, got {self.teacher_temp}")
+        self.teacher_temp = float(self.teacher_temp)
+        if self.mining_scope not in MINING_SCOPES:
+            raise ValueError(f"model.distill.mining_scope={self.mining_scope!r} is not one of {list(MINING_SCOPES)}")
         self.weight = float(self.weight)
         self.valid_threshold = float(self.valid_threshold)
         if self.loss != "none":
@@ -62,3 +75,8 @@ class DistillConfig:
     @property
     def needs_teacher(self) -> bool:
         return self.loss != "none"
+
+    @property
+    def candidates(self) -> str:
+        """``hard`` (positive + K mined negatives) or ``all`` (positive + every negative)."""
+        return LOSS_CANDIDATES.get(self.loss, "hard")

@@ -98,8 +98,86 @@ def cprd_loss(
     See :func:`cprd_loss_per_query` for ``L_q``. Queries with empty ``J_q`` contribute
     nothing; if no query contributes the loss is 0 (still attached to the graph).
     """
-    per_query, contributes = cprd_loss_per_query(student_logits, teacher_scores, valid_mask, keep_mask)
+    return _masked_mean(*cprd_loss_per_query(student_logits, teacher_scores, valid_mask, keep_mask))
+
+
+def _masked_mean(per_query: torch.Tensor, contributes: torch.Tensor) -> torch.Tensor:
     n = contributes.sum()
     if n == 0:
-        return student_logits.sum() * 0.0
+        return per_query.sum() * 0.0
     return (per_query * contributes).sum() / n
+
+
+def listmle_full_loss_per_query(
+    student_logits: torch.Tensor,
+    teacher_scores: torch.Tensor,
+    candidate_mask: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Full ranking distillation (ListMLE over the teacher's order of *every* candidate)::
+
+        L_q = 1/(M_q - 1) sum_{j < M_q} -log( exp(x_pi(j)) / sum_{l >= j} exp(x_pi(l)) )
+
+    the CPRD formula with every position valid; ``candidate_mask`` marks the ``M_q`` real
+    candidates of a ragged row (the rest are left out of terms and denominators).
+    """
+    return cprd_loss_per_query(student_logits, teacher_scores, valid_mask=None, keep_mask=candidate_mask)
+
+
+def listmle_full_loss(student_logits, teacher_scores, candidate_mask=None) -> torch.Tensor:
+    """Mean of :func:`listmle_full_loss_per_query` over queries with at least two candidates."""
+    return _masked_mean(*listmle_full_loss_per_query(student_logits, teacher_scores, candidate_mask))
+
+
+def kl_distill_loss_per_query(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    candidate_mask: Optional[torch.Tensor] = None,
+    teacher_temp: float = 1.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Logit distillation over one candidate list per query (positive and negatives)::
+
+        L_q = KL( softmax(z_q / T_t) || softmax(x_q) ) = sum_c p_c (log p_c - log softmax(x_q)_c)
+
+    ``z`` are teacher logits ``log p1 - log p0``, ``x`` student logits ``s / tau``, ``T_t`` the
+    teacher temperature. Masked-out candidates take part in neither softmax. Vanilla ``kl``
+    uses every in-batch candidate, ``loopitr`` the positive and the K mined hard negatives.
+    """
+    x = student_logits.float()
+    z = teacher_logits.to(x.device).float()
+    mask = torch.ones_like(x, dtype=torch.bool) if candidate_mask is None else candidate_mask.bool()
+    log_q = F.log_softmax(x.masked_fill(~mask, _REMOVED), dim=1)
+    log_p = F.log_softmax((z / teacher_temp).masked_fill(~mask, _REMOVED), dim=1)
+    terms = (log_p.exp() * (log_p - log_q)).masked_fill(~mask, 0.0)
+    return terms.sum(dim=1), mask.sum(dim=1) > 0
+
+
+def kl_distill_loss(student_logits, teacher_logits, candidate_mask=None, teacher_temp: float = 1.0) -> torch.Tensor:
+    """Mean of :func:`kl_distill_loss_per_query` over queries (``kl`` and ``loopitr``)."""
+    return _masked_mean(*kl_distill_loss_per_query(student_logits, teacher_logits, candidate_mask, teacher_temp))
+
+
+def margin_mse_loss_per_query(
+    student_pos: torch.Tensor,
+    student_neg: torch.Tensor,
+    teacher_pos: torch.Tensor,
+    teacher_neg: torch.Tensor,
+    candidate_mask: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Margin-MSE (Hofstätter et al.; sentence-transformers' ``MarginMSELoss``)::
+
+        L_q = 1/|N_q| sum_{n in N_q} ( (x_pos - x_n) - (z_pos - z_n) )^2
+
+    with student logits ``x`` (``s / tau``) and teacher logits ``z`` of the query's positive
+    ``[Q]`` and its hard negatives ``[Q, K]``.
+    """
+    xp, xn = student_pos.float(), student_neg.float()
+    zp, zn = teacher_pos.to(xp.device).float(), teacher_neg.to(xp.device).float()
+    mask = torch.ones_like(xn, dtype=torch.bool) if candidate_mask is None else candidate_mask.bool()
+    sq = ((xp.view(-1, 1) - xn) - (zp.view(-1, 1) - zn)).pow(2).masked_fill(~mask, 0.0)
+    count = mask.sum(dim=1)
+    return sq.sum(dim=1) / count.clamp(min=1), count > 0
+
+
+def margin_mse_loss(student_pos, student_neg, teacher_pos, teacher_neg, candidate_mask=None) -> torch.Tensor:
+    """Mean of :func:`margin_mse_loss_per_query` over queries."""
+    return _masked_mean(*margin_mse_loss_per_query(student_pos, student_neg, teacher_pos, teacher_neg, candidate_mask))

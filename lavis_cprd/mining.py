@@ -1,7 +1,7 @@
 """Hard-negative mining over a (gathered) batch."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -51,3 +51,24 @@ def mine_hard_negatives(
         )
     masked = sim.float().masked_fill(~eligible, float("-inf"))
     return masked.topk(k, dim=1, sorted=True).indices
+
+
+@torch.no_grad()
+def all_negatives(
+    sim: torch.Tensor,
+    query_ids: torch.Tensor,
+    cand_ids: torch.Tensor,
+    cand_mask: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every non-positive candidate of each query, for losses over the whole batch.
+
+    Returns ``(indices [Q, M], mask [Q, M])``: each row sorted by similarity, descending,
+    ``M`` the largest number of eligible candidates of any query, and ``mask`` False on the
+    padding of rows that have fewer.
+    """
+    eligible = query_ids.view(-1, 1) != cand_ids.view(1, -1)
+    if cand_mask is not None:
+        eligible = eligible & cand_mask.view(1, -1)
+    width = int(eligible.sum(dim=1).max()) if eligible.shape[0] else 0
+    order = sim.float().masked_fill(~eligible, float("-inf")).argsort(dim=1, descending=True, stable=True)[:, :width]
+    return order, eligible.gather(1, order)

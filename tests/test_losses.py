@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from lavis_cprd.losses import cprd_loss, cprd_loss_per_query, itc_loss
+from lavis_cprd.losses import cprd_loss, cprd_loss_per_query, itc_loss, kl_distill_loss, listmle_full_loss, margin_mse_loss
 
 
 def cprd_reference(x, t, valid=None, keep=None):
@@ -117,3 +117,80 @@ def test_itc_matches_hand_formula():
 
     expected = 0.5 * (ce(sim) + ce(sim.t()))
     assert itc_loss(sim, sim.t(), pos, pos.t()).item() == pytest.approx(expected, rel=1e-5)
+
+
+def kl_reference(x, z, mask=None, teacher_temp=1.0):
+    """KL(softmax(z / T) || softmax(x)) over each row's masked-in candidates, as loops."""
+    per_query = []
+    for q in range(x.shape[0]):
+        cands = [c for c in range(x.shape[1]) if mask is None or mask[q, c]]
+        if not cands:
+            continue
+        zq = [float(z[q, c]) / teacher_temp for c in cands]
+        p = [math.exp(v) / sum(math.exp(u) for u in zq) for v in zq]
+        denom = sum(torch.exp(x[q, c]) for c in cands)
+        per_query.append(sum(pc * (math.log(pc) - torch.log(torch.exp(x[q, c]) / denom)) for pc, c in zip(p, cands)))
+    return sum(per_query) / len(per_query)
+
+
+def margin_mse_reference(xp, xn, zp, zn, mask=None):
+    per_query = []
+    for q in range(xn.shape[0]):
+        terms = [((xp[q] - xn[q, k]) - (zp[q] - zn[q, k])) ** 2 for k in range(xn.shape[1]) if mask is None or mask[q, k]]
+        if terms:
+            per_query.append(sum(terms) / len(terms))
+    return sum(per_query) / len(per_query)
+
+
+def test_kl_hand_computed_example():
+    x = torch.tensor([[0.0, 0.0]])
+    z = torch.tensor([[math.log(3.0), 0.0]])  # teacher distribution (3/4, 1/4)
+    expected = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert kl_distill_loss(x, z).item() == pytest.approx(expected, rel=1e-6)
+    assert kl_distill_loss(x, z, teacher_temp=1e6).item() == pytest.approx(0.0, abs=1e-6)  # flat teacher
+    same = torch.tensor([[5.0, 0.0]])
+    assert kl_distill_loss(same, same).item() == pytest.approx(0, abs=1e-6)  # student = teacher
+
+
+def test_margin_mse_hand_computed_example():
+    # student margins 1 - 0 = 1 and 1 - 3 = -2; teacher margins 2 - 0 = 2 and 2 - 1 = 1
+    loss = margin_mse_loss(torch.tensor([1.0]), torch.tensor([[0.0, 3.0]]), torch.tensor([2.0]), torch.tensor([[0.0, 1.0]]))
+    assert loss.item() == pytest.approx(((1 - 2) ** 2 + (-2 - 1) ** 2) / 2)
+
+
+def test_listmle_full_hand_computed_example():
+    x = torch.tensor([[1.0, 2.0, 0.5]])
+    t = torch.tensor([[0.1, 0.9, 0.5]])  # teacher order: n2, n3, n1
+    e = math.exp
+    expected = (-math.log(e(2) / (e(2) + e(0.5) + e(1))) - math.log(e(0.5) / (e(0.5) + e(1)))) / 2
+    assert listmle_full_loss(x, t).item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_peer_losses_match_slow_loops_values_and_gradients(seed):
+    g = torch.Generator().manual_seed(seed)
+    Q, K = 5, 6
+    x = torch.randn(Q, K, generator=g) * 3
+    z = torch.randn(Q, K, generator=g) * 2
+    xp, zp = torch.randn(Q, generator=g), torch.randn(Q, generator=g)
+    mask = torch.rand(Q, K, generator=g) > 0.3  # ragged rows, as "all in-batch negatives" gives
+    mask[0] = False
+    mask[0, 2] = True  # a row with a single candidate
+    cases = {
+        "kl": (lambda a: kl_distill_loss(a, z, mask, 0.7), lambda b: kl_reference(b, z, mask, 0.7)),
+        "kl_full": (lambda a: kl_distill_loss(a, z), lambda b: kl_reference(b, z)),
+        "listmle_full": (lambda a: listmle_full_loss(a, z, mask), lambda b: cprd_reference(b, z, None, mask)),
+        "margin_mse": (
+            lambda a: margin_mse_loss(xp, a, zp, z, mask),
+            lambda b: margin_mse_reference(xp, b, zp, z, mask),
+        ),
+    }
+    for name, (fast_fn, slow_fn) in cases.items():
+        xa = x.clone().requires_grad_(True)
+        xb = x.clone().requires_grad_(True)
+        fast, slow = fast_fn(xa), slow_fn(xb)
+        fast.backward()
+        slow.backward()
+        assert fast.item() == pytest.approx(slow.item(), rel=1e-5, abs=1e-6), name
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.all(xa.grad[~mask] == 0) or name == "kl_full", name  # absent candidates get no gradient

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lavis_cprd.mining import first_occurrence_mask, mine_hard_negatives
+from lavis_cprd.mining import all_negatives, first_occurrence_mask, mine_hard_negatives
 
 
 def test_never_returns_positives_and_returns_k_sorted():
@@ -41,3 +41,15 @@ def test_too_few_negatives_is_a_clear_error():
     ids = torch.tensor([0, 0, 0, 1])
     with pytest.raises(ValueError, match="only 1 candidates with a different image_id"):
         mine_hard_negatives(torch.randn(4, 4), ids, ids, k=2)
+
+
+def test_all_negatives_every_non_positive_sorted_and_padded():
+    sim = torch.tensor([[0.9, 0.1, 0.5, 0.7], [0.2, 0.8, 0.3, 0.4]])
+    query_ids = torch.tensor([0, 1])
+    cand_ids = torch.tensor([0, 1, 1, 2])
+    idx, mask = all_negatives(sim, query_ids, cand_ids, cand_mask=torch.tensor([True, True, True, True]))
+    # query 0: negatives 3 (0.7), 2 (0.5), 1 (0.1); query 1: 3 (0.4), 0 (0.2), then padding
+    assert idx[0].tolist() == [3, 2, 1] and mask[0].tolist() == [True, True, True]
+    assert idx[1, :2].tolist() == [3, 0] and mask[1].tolist() == [True, True, False]
+    idx, mask = all_negatives(sim, query_ids, cand_ids, cand_mask=torch.tensor([True, True, False, True]))
+    assert idx[0].tolist() == [3, 1] and mask.tolist() == [[True, True], [True, True]]

@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from conftest import tiny_model_cfg
 from lavis_cprd.models.dual_encoder import CprdDualEncoder
-from test_losses import cprd_reference
+from test_losses import cprd_reference, kl_reference, margin_mse_reference
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,54 @@ def test_forward_equals_independent_itc_plus_cprd(model, batch):
     assert out.loss_itc.item() == pytest.approx(itc.item(), rel=1e-5)
     assert out.loss_distill.item() == pytest.approx(cprd.item(), rel=1e-4)
     assert out.loss.item() == pytest.approx(itc.item() + cprd.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("loss", ["kl", "listmle_full", "loopitr", "margin_mse"])
+def test_forward_equals_independent_peer_loss(batch, loss):
+    """Each peer loss through the model equals its slow formula on candidates picked here by
+    loops: K mined hard negatives (loopitr, margin_mse) or every in-batch negative (kl,
+    listmle_full), next to the query's own positive, teacher logits scored pair by pair."""
+    torch.manual_seed(0)
+    K, T = 3, 0.5
+    m = CprdDualEncoder.from_config(tiny_model_cfg(loss=loss, num_hard_negatives=K, teacher_temp=T)).eval()
+    out = m(batch)
+    ids, tau = batch["image_id"], m.temp
+    with torch.no_grad():
+        v = m.encode_image(batch["image"])
+        t = m.encode_text(m.tokenize(batch["text_input"], "cpu"))
+        sim = v @ t.t()
+
+        def z(pairs):
+            return m.teacher.logit(batch["image"], batch["text_input"], torch.tensor(pairs))
+
+        def direction(sims, queries, cand_ok, pair):
+            rows = []
+            for q in queries:
+                cands = [c for c in range(sims.shape[1]) if ids[c] != ids[q] and cand_ok[c]]
+                negs = sorted(cands, key=lambda c: -float(sims[q, c]))
+                negs = negs[:K] if loss in ("loopitr", "margin_mse") else negs
+                rows.append((sims[q, q] / tau, sims[q, negs] / tau, z([pair(q, q)])[0], z([pair(q, c) for c in negs])))
+            width = max(len(r[1]) for r in rows)
+            pad = lambda vals: torch.cat([vals, vals.new_zeros(width - len(vals))])  # noqa: E731
+            xp = torch.stack([r[0] for r in rows])
+            zp = torch.stack([r[2] for r in rows])
+            xn, zn = torch.stack([pad(r[1]) for r in rows]), torch.stack([pad(r[3]) for r in rows])
+            mask = torch.stack([torch.arange(width) < len(r[1]) for r in rows])
+            if loss == "listmle_full":
+                return cprd_reference(xn, zn, None, mask)
+            if loss == "margin_mse":
+                return margin_mse_reference(xp, xn, zp, zn, mask)
+            with_pos = lambda a, b: torch.cat([a.view(-1, 1), b], 1)  # noqa: E731
+            return kl_reference(with_pos(xp, xn), with_pos(zp, zn), with_pos(torch.ones(len(rows), dtype=torch.bool), mask), T)
+
+        first = [int((ids[: i + 1] == ids[i]).sum()) == 1 for i in range(len(ids))]
+        image_queries = [i for i in range(len(ids)) if first[i]]
+        expected = 0.5 * (
+            direction(sim, image_queries, [True] * len(ids), lambda q, c: (q, c))
+            + direction(sim.t(), range(len(ids)), first, lambda q, c: (c, q))
+        )
+    assert out.loss_distill.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert out.loss.item() == pytest.approx(out.loss_itc.item() + out.loss_distill.item(), rel=1e-5)
 
 
 def test_gradients_reach_both_towers_and_temperature(model, batch):
@@ -169,8 +217,13 @@ def test_detach_temperature_keeps_distillation_off_tau(batch):
 
 
 def test_config_errors_are_clear():
-    with pytest.raises(ValueError, match=r"model.distill.loss='cprdd' is not one of \['none', 'cprd'\]"):
+    choices = r"\['none', 'cprd', 'loopitr', 'margin_mse', 'kl', 'listmle_full'\]"
+    with pytest.raises(ValueError, match=r"model.distill.loss='cprdd' is not one of " + choices):
         CprdDualEncoder.from_config(tiny_model_cfg(loss="cprdd"))
+    with pytest.raises(ValueError, match="teacher_temp must be > 0"):
+        CprdDualEncoder.from_config(tiny_model_cfg(teacher_temp=0))
+    with pytest.raises(ValueError, match=r"mining_scope='global' is not one of \['gathered', 'local'\]"):
+        CprdDualEncoder.from_config(tiny_model_cfg(mining_scope="global"))
     cfg = tiny_model_cfg()
     cfg.distill.num_negatives = 4
     with pytest.raises(ValueError, match=r"unknown key\(s\) model.distill.\['num_negatives'\]"):

@@ -5,7 +5,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -17,8 +17,15 @@ from transformers.modeling_outputs import ModelOutput
 
 from lavis_cprd import dist
 from lavis_cprd.distill_config import DistillConfig
-from lavis_cprd.losses import cprd_loss_per_query, itc_loss, positive_mask
-from lavis_cprd.mining import first_occurrence_mask, mine_hard_negatives
+from lavis_cprd.losses import (
+    cprd_loss_per_query,
+    itc_loss,
+    kl_distill_loss_per_query,
+    listmle_full_loss_per_query,
+    margin_mse_loss_per_query,
+    positive_mask,
+)
+from lavis_cprd.mining import all_negatives, first_occurrence_mask, mine_hard_negatives
 from lavis_cprd.models.encoders import build_text_encoder, build_vision_encoder
 from lavis_cprd.teachers import CrossEncoderTeacher, build_teacher
 from lavis_cprd.tokenization import load_blip_tokenizer
@@ -132,7 +139,7 @@ class CprdDualEncoder(BlipBase):
         if not self.distilling:
             return CprdOutput(loss=loss_itc, loss_itc=loss_itc)
 
-        loss_distill, valid = self._cprd(image, captions, image_ids, image_ids_all, sim_i2t, sim_t2i)
+        loss_distill, valid = self._distill(image, captions, image_ids, image_ids_all, sim_i2t, sim_t2i)
         return CprdOutput(
             loss=loss_itc + self.distill.weight * loss_distill,
             loss_itc=loss_itc,
@@ -140,57 +147,94 @@ class CprdDualEncoder(BlipBase):
             valid_negatives=valid,
         )
 
-    def _cprd(self, image, captions, image_ids, image_ids_all, sim_i2t, sim_t2i) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Mine K hard negatives per query, score them with the teacher, apply ``cprd_loss``."""
+    def _distill(self, image, captions, image_ids, image_ids_all, sim_i2t, sim_t2i) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Pick each query's candidates (K mined hard negatives, or every negative), score
+        them and the positive with the teacher in one call, apply ``distill.loss``."""
         cfg = self.distill
         b, offset = image.shape[0], dist.rank_offset(image.shape[0])
         local = torch.arange(b, device=image.device)
 
         # A batch repeats an image once per caption: each image is one query / one candidate.
         unique_all = first_occurrence_mask(image_ids_all)
+        in_scope = torch.ones_like(unique_all)
+        if cfg.mining_scope == "local":
+            in_scope = torch.zeros_like(unique_all)
+            in_scope[offset : offset + b] = True
         image_queries = local[unique_all[offset : offset + b]]
-        neg_texts = mine_hard_negatives(sim_i2t[image_queries], image_ids[image_queries], image_ids_all, cfg.num_hard_negatives)
-        neg_images = mine_hard_negatives(
-            sim_t2i, image_ids, image_ids_all, cfg.num_hard_negatives, cand_mask=unique_all
-        )
+        if cfg.candidates == "hard":
+            k = cfg.num_hard_negatives
+            neg_texts = mine_hard_negatives(
+                sim_i2t[image_queries], image_ids[image_queries], image_ids_all, k, cand_mask=in_scope
+            )
+            neg_images = mine_hard_negatives(sim_t2i, image_ids, image_ids_all, k, cand_mask=unique_all & in_scope)
+            mask_texts, mask_images = torch.ones_like(neg_texts, dtype=torch.bool), torch.ones_like(neg_images, dtype=torch.bool)
+        else:
+            neg_texts, mask_texts = all_negatives(sim_i2t[image_queries], image_ids[image_queries], image_ids_all, in_scope)
+            neg_images, mask_images = all_negatives(sim_t2i, image_ids, image_ids_all, unique_all & in_scope)
 
         # One teacher call over the gathered batch; pairs are (image, caption) global indices.
-        images_all = dist.gather_no_grad(image)
-        captions_all = dist.gather_strings(captions)
-        k = cfg.num_hard_negatives
         q_i, q_t = image_queries + offset, local + offset
-        pairs = torch.cat(
+        z_i2t, z_t2i, z_pos_i, z_pos_t = self._teacher_logits(
+            dist.gather_no_grad(image),
+            dist.gather_strings(captions),
             [
-                torch.stack([q_i.repeat_interleave(k), neg_texts.reshape(-1)], 1),  # i2t negatives
-                torch.stack([neg_images.reshape(-1), q_t.repeat_interleave(k)], 1),  # t2i negatives
-                torch.stack([q_i, q_i], 1),  # each image query with its own caption
-                torch.stack([q_t, q_t], 1),  # each text query with its own image
-            ]
+                (q_i.view(-1, 1).expand_as(neg_texts), neg_texts, mask_texts),  # image query, negative text
+                (neg_images, q_t.view(-1, 1).expand_as(neg_images), mask_images),  # negative image, text query
+                (q_i.view(-1, 1), q_i.view(-1, 1), None),  # each image query with its own caption
+                (q_t.view(-1, 1), q_t.view(-1, 1), None),  # each text query with its own image
+            ],
         )
-        scores = self.teacher.score(images_all, captions_all, pairs)
-        n_i, n_t = len(image_queries) * k, b * k
-        t_i2t = scores[:n_i].view(-1, k)
-        t_t2i = scores[n_i : n_i + n_t].view(-1, k)
-        pos_i2t = scores[n_i + n_t : n_i + n_t + len(image_queries)]
-        pos_t2i = scores[n_i + n_t + len(image_queries) :]
-
         temp = self.temp.detach() if cfg.detach_temperature else self.temp
-        x_i2t = sim_i2t[image_queries].gather(1, neg_texts) / temp
-        x_t2i = sim_t2i.gather(1, neg_images) / temp
-        loss_i2t, valid_i2t = self._cprd_direction(x_i2t, t_i2t, pos_i2t)
-        loss_t2i, valid_t2i = self._cprd_direction(x_t2i, t_t2i, pos_t2i)
-        valid = torch.cat([valid_i2t, valid_t2i]).float().sum(1).mean()
-        return 0.5 * (loss_i2t + loss_t2i), valid.detach()
+        loss_i2t, used_i2t = self._distill_direction(
+            sim_i2t[image_queries, q_i] / temp, sim_i2t[image_queries].gather(1, neg_texts) / temp,
+            z_pos_i.view(-1), z_i2t, mask_texts,
+        )
+        loss_t2i, used_t2i = self._distill_direction(
+            sim_t2i[local, q_t] / temp, sim_t2i.gather(1, neg_images) / temp, z_pos_t.view(-1), z_t2i, mask_images
+        )
+        used = torch.cat([used_i2t.float().sum(1), used_t2i.float().sum(1)]).mean()
+        return 0.5 * (loss_i2t + loss_t2i), used.detach()
 
-    def _cprd_direction(self, x, t, t_pos):
-        valid = t >= self.distill.valid_threshold
-        keep = t <= t_pos.view(-1, 1) if self.distill.drop_above_positive else None
-        per_query, contributes = cprd_loss_per_query(x, t, valid, keep)
+    def _teacher_logits(self, images_all, captions_all, blocks) -> List[torch.Tensor]:
+        """Teacher logits ``log p1 - log p0`` for blocks of ``(image idx, caption idx, mask)``
+        index tensors of one shape each: one teacher call over the masked-in pairs, 0 elsewhere."""
+        flat = []
+        for i, t, m in blocks:
+            m = torch.ones_like(i, dtype=torch.bool) if m is None else m
+            flat.append((i.reshape(-1), t.reshape(-1), m.reshape(-1), i.shape))
+        pairs = torch.cat([torch.stack([i[m], t[m]], 1) for i, t, m, _ in flat])
+        logits = self.teacher.logit(images_all, captions_all, pairs)
+        chunks = logits.split([int(m.sum()) for _, _, m, _ in flat])
+        return [logits.new_zeros(m.shape).masked_scatter(m, c).view(shape) for (_, _, m, shape), c in zip(flat, chunks)]
+
+    def _distill_direction(self, x_pos, x_neg, z_pos, z_neg, mask) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One direction's loss, reduced over all ranks' contributing queries, and the mask of
+        the negatives it used (for CPRD: the valid ones)."""
+        cfg = self.distill
+        used = mask
+        if cfg.loss == "cprd":
+            # Teacher match probabilities c = softmax(itm)[:, 1] = sigmoid(logit).
+            c_pos, c_neg = torch.sigmoid(z_pos), torch.sigmoid(z_neg)
+            keep = mask & (c_neg <= c_pos.view(-1, 1)) if cfg.drop_above_positive else mask
+            valid = c_neg >= cfg.valid_threshold
+            per_query, contributes = cprd_loss_per_query(x_neg, c_neg, valid, keep)
+            used = valid & keep
+        elif cfg.loss == "listmle_full":
+            per_query, contributes = listmle_full_loss_per_query(x_neg, z_neg, mask)
+        elif cfg.loss in ("kl", "loopitr"):
+            with_pos = lambda pos, neg: torch.cat([pos.view(-1, 1), neg], dim=1)  # noqa: E731
+            per_query, contributes = kl_distill_loss_per_query(
+                with_pos(x_pos, x_neg), with_pos(z_pos, z_neg), with_pos(torch.ones_like(mask[:, 0]), mask), cfg.teacher_temp
+            )
+        elif cfg.loss == "margin_mse":
+            per_query, contributes = margin_mse_loss_per_query(x_pos, x_neg, z_pos, z_neg, mask)
+        else:  # DistillConfig.validate() lists the choices; this guards new entries without a branch
+            raise ValueError(f"model.distill.loss={cfg.loss!r} has no implementation")
         # Normalise by the count over all ranks so that DDP's gradient average equals the
         # single-process mean over contributing queries.
         total = dist.all_reduce_sum(contributes.sum().float())
         loss = (per_query * contributes).sum() * dist.get_world_size() / total.clamp(min=1)
-        return loss, valid if keep is None else valid & keep
+        return loss, used
 
     # ---------------------------------------------------------------- retrieval
     @torch.no_grad()
