@@ -106,6 +106,21 @@ def test_forward_equals_independent_peer_loss(batch, loss):
     assert out.loss.item() == pytest.approx(out.loss_itc.item() + out.loss_distill.item(), rel=1e-5)
 
 
+def test_teacher_scores_each_distinct_pair_once(batch):
+    """Over every negative, both directions need the same pairs: one teacher call, no repeats."""
+    torch.manual_seed(0)
+    m = CprdDualEncoder.from_config(tiny_model_cfg(loss="kl")).eval()
+    m(batch)  # builds the teacher
+    calls, score = [], m.teacher.logit
+    m.teacher.logit = lambda images, captions, pairs: calls.append(pairs.clone()) or score(images, captions, pairs)
+    m(batch)
+    (pairs,) = calls
+    assert len({tuple(p) for p in pairs.tolist()}) == len(pairs)
+    # ids [0, 0, 1, 2, 3, 3, 4, 5]: 6 distinct images x the captions of other images (40 pairs),
+    # plus each of the 8 captions with the image at its own position.
+    assert len(pairs) == 40 + 8
+
+
 def test_gradients_reach_both_towers_and_temperature(model, batch):
     model.zero_grad()
     model(batch).loss.backward()

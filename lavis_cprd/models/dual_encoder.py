@@ -203,7 +203,9 @@ class CprdDualEncoder(BlipBase):
             m = torch.ones_like(i, dtype=torch.bool) if m is None else m
             flat.append((i.reshape(-1), t.reshape(-1), m.reshape(-1), i.shape))
         pairs = torch.cat([torch.stack([i[m], t[m]], 1) for i, t, m, _ in flat])
-        logits = self.teacher.logit(images_all, captions_all, pairs)
+        # The two directions share many pairs (all of them when every negative is used).
+        unique_pairs, inverse = torch.unique(pairs, dim=0, return_inverse=True)
+        logits = self.teacher.logit(images_all, captions_all, unique_pairs)[inverse]
         chunks = logits.split([int(m.sum()) for _, _, m, _ in flat])
         return [logits.new_zeros(m.shape).masked_scatter(m, c).view(shape) for (_, _, m, shape), c in zip(flat, chunks)]
 
