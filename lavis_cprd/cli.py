@@ -1,4 +1,4 @@
-"""``lavis-cprd`` command: ``lavis-cprd train|evaluate|demo ...``."""
+"""``lavis-cprd`` command: ``lavis-cprd train|evaluate|demo|compare ...``."""
 from __future__ import annotations
 
 import sys
@@ -8,6 +8,7 @@ COMMANDS = {
     "train": "lavis_cprd.train",
     "evaluate": "lavis_cprd.evaluate",
     "demo": "lavis_cprd.demo",
+    "compare": "lavis_cprd.compare",
 }
 
 

@@ -52,9 +52,10 @@ METHODS = {"baseline": ["model.distill.loss=none"], "cprd": ["model.distill.loss
 log = logging.getLogger("lavis_cprd.demo")
 
 
-def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="lavis-cprd demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--output", default="output/demo", help="output folder (default: output/demo)")
+def common_parser(prog: str, description: str, default_output: str) -> argparse.ArgumentParser:
+    """Arguments shared by ``demo`` and ``compare``: data, teacher, students, overrides."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--output", default=default_output, help=f"output folder (default: {default_output})")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="student seeds (default: 0 1 2)")
     p.add_argument("--teacher-itc-cfg", default=TEACHER_ITC_CFG, help="teacher stage 1: ITC pre-training of its towers")
     p.add_argument("--teacher-cfg", default=TEACHER_CFG, help="teacher stage 2: BLIP ITC + ITM fine-tuning")
@@ -63,6 +64,11 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--options", nargs="+", default=[], help="config overrides applied to every run (key=value)")
     p.add_argument("--teacher-options", nargs="+", default=[], help="overrides for the teacher run only")
     p.add_argument("--student-options", nargs="+", default=[], help="overrides for the student runs only")
+    return p
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    p = common_parser("lavis-cprd demo", __doc__.split("\n\n")[0], "output/demo")
     p.add_argument("--rerank-k", type=int, default=16, help="student top-k the teacher re-ranks (default 16)")
     return p.parse_args(argv)
 
@@ -108,6 +114,16 @@ def load_trained(checkpoint: str, device: torch.device):
     return model.to(device).eval()
 
 
+def ensure_teacher(args: argparse.Namespace, out: str) -> str:
+    """``--teacher-ckpt``, or the teacher trained into ``out`` in two stages (reused when
+    done): stage 1 ITC-trains its towers, stage 2 fine-tunes them with BLIP's ITC + ITM."""
+    if args.teacher_ckpt is not None:
+        return args.teacher_ckpt
+    teacher_options = [*args.options, *args.teacher_options]
+    towers = train_run(args.teacher_itc_cfg, teacher_options, os.path.join(out, "teacher_itc"))
+    return train_run(args.teacher_cfg, [*teacher_options, f"model.pretrained={towers}"], os.path.join(out, "teacher"))
+
+
 def main(argv: Optional[List[str]] = None) -> Dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(levelname)s] %(message)s")
@@ -117,13 +133,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     t_start = time.time()
     timings: Dict[str, float] = {}
 
-    # 1-2. data + teacher (stage 1: ITC-trained towers; stage 2: BLIP's ITC + ITM from them)
+    # 1-2. data + teacher
     t0 = time.time()
-    teacher_ckpt = args.teacher_ckpt
-    if teacher_ckpt is None:
-        teacher_options = [*args.options, *args.teacher_options]
-        towers = train_run(args.teacher_itc_cfg, teacher_options, os.path.join(out, "teacher_itc"))
-        teacher_ckpt = train_run(args.teacher_cfg, [*teacher_options, f"model.pretrained={towers}"], os.path.join(out, "teacher"))
+    teacher_ckpt = ensure_teacher(args, out)
     timings["teacher"] = time.time() - t0
 
     # 3. students

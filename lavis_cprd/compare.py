@@ -1,0 +1,131 @@
+"""``lavis-cprd compare``: every distillation method on the embedded default, same teacher,
+same seeds, same schedule, evaluated with LAVIS's retrieval metrics.
+
+Runs, per seed: the baseline (``none``), each peer loss, and the ablations of the CPRD
+paper: ``cprd`` vs ``listmle_full`` (the order of hard negatives vs every order, finding 2)
+and sweeps of the CPRD weight and of K (finding 3). For finding 1 it records, per method,
+the teacher's and the student's score statistics on positives, hard and easy negatives.
+Writes ``results.md`` (mean ± std over seeds), ``results.json`` and ``r_mean.png``.
+Finished runs are reused, so an interrupted comparison resumes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from lavis_cprd.demo import common_parser, ensure_teacher, eval_split, load_trained, train_run
+from lavis_cprd.distill_config import DISTILL_LOSSES
+from lavis_cprd.reporting import kendall_tau_on_hard_negatives, markdown_table, score_distributions, summarize
+
+log = logging.getLogger("lavis_cprd.compare")
+
+
+def parse_args(argv: Optional[List[str]]):
+    p = common_parser("lavis-cprd compare", __doc__.split("\n\n")[0], "output/compare")
+    p.add_argument("--methods", nargs="+", default=list(DISTILL_LOSSES), help="losses to train (default: all)")
+    p.add_argument("--weights", type=float, nargs="*", default=[0.5, 2.0], help="extra CPRD weights to sweep")
+    p.add_argument("--ks", type=int, nargs="*", default=[2, 8], help="extra CPRD numbers of hard negatives to sweep")
+    args = p.parse_args(argv)
+    unknown = sorted(set(args.methods) - set(DISTILL_LOSSES))
+    if unknown:
+        p.error(f"unknown method(s) {unknown}; choose from {list(DISTILL_LOSSES)}")
+    return args
+
+
+def plan(args) -> List[Tuple[str, str, List[str]]]:
+    """``(run name, table label, config overrides)`` of every student configuration."""
+    runs = [(m, "ITC only (baseline)" if m == "none" else m, [f"model.distill.loss={m}"]) for m in args.methods]
+    cprd = "model.distill.loss=cprd"
+    runs += [(f"cprd_weight{w:g}", f"cprd, weight {w:g}", [cprd, f"model.distill.weight={w}"]) for w in args.weights]
+    runs += [(f"cprd_k{k}", f"cprd, K = {k}", [cprd, f"model.distill.num_hard_negatives={k}"]) for k in args.ks]
+    return runs
+
+
+def plot_r_mean(rows: List[Dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 3.6))
+    x = np.arange(len(rows))
+    ax.bar(x, [r["r_mean"] for r in rows], yerr=[r["r_mean_std"] for r in rows], capsize=4, color="tab:blue", alpha=0.8)
+    ax.set_xticks(x, [r["name"] for r in rows], rotation=30, ha="right")
+    ax.set_ylabel("test r_mean (mean ± std over seeds)")
+    ax.set_ylim(min(r["r_mean"] - r["r_mean_std"] for r in rows) - 5, max(r["r_mean"] + r["r_mean_std"] for r in rows) + 3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def evaluate(args, out: str, teacher_ckpt: str, ckpts: Dict[str, Dict[int, str]], labels: Dict[str, str]) -> Dict:
+    from lavis.common.registry import registry
+    from lavis.tasks.retrieval import RetrievalTask
+    from torch.utils.data import DataLoader
+
+    from lavis_cprd.runner import resolve_device
+    from lavis_cprd.teachers import BlipITMTeacher
+
+    device = resolve_device("auto")
+    dataset, cfg = eval_split(args.student_cfg, [*args.options, *args.student_options])
+    registry.mapping["paths"]["output_dir"] = out  # LAVIS's _report_metrics appends to evaluate.txt here
+    loader = DataLoader(dataset, batch_size=64, shuffle=False)
+    images = torch.cat([b["image"] for b in loader]).to(device)
+    teacher = BlipITMTeacher(load_trained(teacher_ckpt, device))
+    k_hard = max(int(cfg.model_cfg.distill.num_hard_negatives), 8)
+
+    runs: Dict[str, List[Dict]] = {}
+    finding1: Dict[str, Dict] = {}
+    tau: Dict[str, float] = {}
+    for name, by_seed in ckpts.items():
+        for seed in sorted(by_seed):
+            i2t, t2i = load_trained(by_seed[seed], device).compute_sim_matrix(loader)
+            runs.setdefault(name, []).append(RetrievalTask._report_metrics(i2t, t2i, dataset.txt2img, dataset.img2txt))
+            if seed == min(by_seed):  # score statistics and tau on the first seed
+                finding1[name] = {k: v["summary"] for k, v in score_distributions(teacher, images, dataset, i2t, k_hard).items()}
+                tau[name] = kendall_tau_on_hard_negatives(teacher, images, dataset, i2t, k=k_hard)
+    table = [summarize(labels[name], runs[name]) for name in ckpts]
+    return {"table": table, "runs": runs, "score_distributions": finding1, "kendall_tau": tau, "device": str(device)}
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(levelname)s] %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = os.path.abspath(args.output)
+    os.makedirs(out, exist_ok=True)
+    t_start = time.time()
+
+    teacher_ckpt = os.path.abspath(ensure_teacher(args, out))
+    runs = plan(args)
+    ckpts: Dict[str, Dict[int, str]] = {}
+    total = len(runs) * len(args.seeds)
+    for n, (seed, (name, _, options)) in enumerate(((s, r) for s in args.seeds for r in runs), start=1):
+        log.info("[%d/%d] %s, seed %d", n, total, name, seed)
+        teacher = f"model.distill.teacher.checkpoint={teacher_ckpt}"
+        opts = [*args.options, *args.student_options, *options, f"run.seed={seed}", teacher]
+        ckpts.setdefault(name, {})[seed] = train_run(args.student_cfg, opts, os.path.join(out, f"{name}_seed{seed}"))
+
+    results = evaluate(args, out, teacher_ckpt, ckpts, {name: label for name, label, _ in runs})
+    results.update(seeds=args.seeds, teacher_checkpoint=teacher_ckpt, seconds=time.time() - t_start)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    table = markdown_table(results["table"])
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(table + "\n")
+    plot_r_mean(results["table"], os.path.join(out, "r_mean.png"))
+    print("\n" + table)
+    print(f"\nKendall tau (teacher vs student order on hard negatives, first seed): {results['kendall_tau']}")
+    print(f"Wrote {out}/results.md, results.json, r_mean.png ({results['seconds'] / 60:.1f} min)")
+    return results
+
+
+if __name__ == "__main__":
+    main()
