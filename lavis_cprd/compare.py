@@ -24,6 +24,7 @@ from lavis_cprd.distill_config import DISTILL_LOSSES
 from lavis_cprd.reporting import kendall_tau_on_hard_negatives, markdown_table, score_distributions, summarize
 
 log = logging.getLogger("lavis_cprd.compare")
+LABEL_BASELINE = "ITC only (baseline)"
 
 
 def parse_args(argv: Optional[List[str]]):
@@ -40,7 +41,7 @@ def parse_args(argv: Optional[List[str]]):
 
 def plan(args) -> List[Tuple[str, str, List[str]]]:
     """``(run name, table label, config overrides)`` of every student configuration."""
-    runs = [(m, "ITC only (baseline)" if m == "none" else m, [f"model.distill.loss={m}"]) for m in args.methods]
+    runs = [(m, LABEL_BASELINE if m == "none" else m, [f"model.distill.loss={m}"]) for m in args.methods]
     cprd = "model.distill.loss=cprd"
     runs += [(f"cprd_weight{w:g}", f"cprd, weight {w:g}", [cprd, f"model.distill.weight={w}"]) for w in args.weights]
     runs += [(f"cprd_k{k}", f"cprd, K = {k}", [cprd, f"model.distill.num_hard_negatives={k}"]) for k in args.ks]
@@ -115,16 +116,45 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 
     results = evaluate(args, out, teacher_ckpt, ckpts, {name: label for name, label, _ in runs})
     results.update(seeds=args.seeds, teacher_checkpoint=teacher_ckpt, seconds=time.time() - t_start)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    table = markdown_table(results["table"])
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(table + "\n")
-    plot_r_mean(results["table"], os.path.join(out, "r_mean.png"))
-    print("\n" + table)
-    print(f"\nKendall tau (teacher vs student order on hard negatives, first seed): {results['kendall_tau']}")
+    report = write_report(results, out)
+    print("\n" + report)
     print(f"Wrote {out}/results.md, results.json, r_mean.png ({results['seconds'] / 60:.1f} min)")
     return results
+
+
+def findings_table(results: Dict) -> str:
+    """Per method: the r_mean gap to the baseline (means over seeds) and, on the first seed,
+    the Kendall tau of the student's order of its hard negatives against the teacher's and the
+    finding-1 score means (student cosine, teacher match probability) on positives, hard and
+    easy negatives."""
+    base = next((r["r_mean"] for r in results["table"] if r["name"] == LABEL_BASELINE), None)
+    head = ("| model | r_mean − baseline | Kendall tau | student cos: pos / hard / easy | "
+            "teacher p(match): pos / hard / easy |")
+    lines = [head, "|---|---|---|---|---|"]
+    groups = ("positive", "hard negative", "easy negative")
+    for name, row in zip(results["kendall_tau"], results["table"]):
+        stats = results["score_distributions"][name]
+        gap = "—" if base is None or row["name"] == LABEL_BASELINE else f"{row['r_mean'] - base:+.1f}"
+        student = " / ".join(f"{stats[g]['student_mean']:.2f}" for g in groups)
+        teacher = " / ".join(f"{stats[g]['teacher_mean']:.2f}" for g in groups)
+        lines.append(f"| {row['name']} | {gap} | {results['kendall_tau'][name]:.2f} | {student} | {teacher} |")
+    return "\n".join(lines)
+
+
+def write_report(results: Dict, out: str) -> str:
+    """``results.json``, ``results.md`` (metrics over seeds, then the findings table) and ``r_mean.png``."""
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    seeds = ", ".join(str(s) for s in results.get("seeds", []))
+    report = (
+        f"Test split, mean ± std over seeds {seeds}:\n\n{markdown_table(results['table'])}\n\n"
+        f"Gap to the baseline (means over seeds); on the first seed, the order agreement with the "
+        f"teacher on the student's hard negatives and the mean scores (finding 1):\n\n{findings_table(results)}\n"
+    )
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(report)
+    plot_r_mean(results["table"], os.path.join(out, "r_mean.png"))
+    return report
 
 
 if __name__ == "__main__":

@@ -63,7 +63,16 @@ def test_finding1_statistics_tau_table_and_plot(compare_run):
         assert stats["positive"]["pairs"] == 12 * 3
         assert 0 <= stats["easy negative"]["teacher_mean"] <= 1
     assert all(-1 <= t <= 1 for t in results["kendall_tau"].values())
-    assert open(out / "results.md").read().startswith("| model | seeds | txt_r1")
+    md = open(out / "results.md").read()
+    assert "| model | seeds | txt_r1" in md
+    rows = {r["name"]: r for r in results["table"]}
+    base = rows["ITC only (baseline)"]["r_mean"]
+    findings = md.split("| model | r_mean − baseline")[1]
+    for name, (label, _) in RUNS.items():
+        stats = results["score_distributions"][name]
+        gap = "—" if name == "none" else f"{rows[label]['r_mean'] - base:+.1f}"
+        easy = f"{stats['positive']['student_mean']:.2f} / {stats['hard negative']['student_mean']:.2f} / "
+        assert f"| {label} | {gap} | {results['kendall_tau'][name]:.2f} | {easy}" in findings, label
     with Image.open(out / "r_mean.png") as img:
         assert img.size[0] > 500
 
