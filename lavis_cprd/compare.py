@@ -39,9 +39,16 @@ def parse_args(argv: Optional[List[str]]):
     return args
 
 
+# ConaCLIP distils a dual encoder: the shared teacher's own ITC towers (its checkpoint holds both).
+METHOD_OPTIONS = {"conaclip": ["model.distill.teacher.arch=blip_feature_extractor"]}
+
+
 def plan(args) -> List[Tuple[str, str, List[str]]]:
     """``(run name, table label, config overrides)`` of every student configuration."""
-    runs = [(m, LABEL_BASELINE if m == "none" else m, [f"model.distill.loss={m}"]) for m in args.methods]
+    runs = [
+        (m, LABEL_BASELINE if m == "none" else m, [f"model.distill.loss={m}", *METHOD_OPTIONS.get(m, [])])
+        for m in args.methods
+    ]
     cprd = "model.distill.loss=cprd"
     runs += [(f"cprd_weight{w:g}", f"cprd, weight {w:g}", [cprd, f"model.distill.weight={w}"]) for w in args.weights]
     runs += [(f"cprd_k{k}", f"cprd, K = {k}", [cprd, f"model.distill.num_hard_negatives={k}"]) for k in args.ks]

@@ -2,15 +2,88 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
 # Each loss and the candidates it reads per query: "hard" = the positive and the K mined hard
 # negatives, "all" = the positive and every in-batch negative (method.md).
 LOSS_CANDIDATES = {"cprd": "hard", "loopitr": "hard", "margin_mse": "hard", "kl": "all", "listmle_full": "all"}
-DISTILL_LOSSES = ("none", *LOSS_CANDIDATES)
+# conaclip is dual-to-dual: no mined candidates, a dual-encoder teacher (``conaclip`` terms).
+DISTILL_LOSSES = ("none", *LOSS_CANDIDATES, "conaclip")
 MINING_SCOPES = ("gathered", "local")
+
+CONACLIP_NODES = ("S_img", "S_txt", "T_img", "T_txt")
+CONACLIP_LOSSES = ("infonce", "fd", "sd", "kl", "sym_sd", "sym_kl")
+
+# ConaCLIP's recipe as we reconstruct it (the paper's ablation table was not readable offline;
+# the only public encoding is a third-party "reproduce ConaCLIP" config, see docs): InfoNCE on
+# the intra- and inter-modal teacher-student edges, SD on the intra-modal teacher-student and
+# on every student-student edge, Sym-SD coupling the two intra-modal teacher-student edges,
+# Sym-KL coupling the two inter-modal ones. The S_img-S_txt InfoNCE edge is the student's own
+# ITC loss, always on, so it is not repeated here.
+DEFAULT_CONACLIP_TERMS: List[Dict[str, Any]] = [
+    {"loss": "infonce", "edge": "S_img-T_img"},
+    {"loss": "infonce", "edge": "S_txt-T_txt"},
+    {"loss": "infonce", "edge": "S_img-T_txt"},
+    {"loss": "infonce", "edge": "S_txt-T_img"},
+    {"loss": "sd", "edge": "S_img-T_img"},
+    {"loss": "sd", "edge": "S_txt-T_txt"},
+    {"loss": "sd", "edge": "S_img-S_img"},
+    {"loss": "sd", "edge": "S_txt-S_txt"},
+    {"loss": "sd", "edge": "S_img-S_txt"},
+    {"loss": "sym_sd", "edge": "S_img-T_img", "mirror": "S_txt-T_txt"},
+    {"loss": "sym_kl", "edge": "S_txt-T_img", "mirror": "S_img-T_txt", "temp": 0.5},
+]
+
+
+@dataclass
+class ConaclipTerm:
+    """One weighted edge loss of ConaCLIP's graph (``model.distill.conaclip`` entries).
+
+    ``edge``/``mirror``: ``"A-B"`` over {S_img, S_txt, T_img, T_txt}; ``mirror`` is read by the
+    ``sym_*`` losses only and defaults to the edge read the other way (``B-A``).
+    """
+
+    loss: str
+    edge: Tuple[str, str]
+    mirror: Optional[Tuple[str, str]] = None
+    weight: float = 1.0
+    temp: float = 0.07
+
+    @classmethod
+    def parse(cls, raw: Dict[str, Any], where: str) -> "ConaclipTerm":
+        known = {"loss", "edge", "mirror", "weight", "temp"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) {where}.{unknown}; valid keys: {sorted(known)}")
+        loss = raw.get("loss")
+        if loss not in CONACLIP_LOSSES:
+            raise ValueError(f"{where}.loss={loss!r} is not one of {list(CONACLIP_LOSSES)}")
+        edge = _parse_edge(raw.get("edge"), f"{where}.edge")
+        mirror = _parse_edge(raw["mirror"], f"{where}.mirror") if raw.get("mirror") else (edge[1], edge[0])
+        term = cls(loss, edge, mirror if loss.startswith("sym") else None, float(raw.get("weight", 1.0)),
+                   float(raw.get("temp", 0.07)))
+        (a, b) = edge
+        if loss == "infonce" and a == b:
+            raise ValueError(f"{where}: infonce needs two different nodes, got edge {a}-{b}")
+        if loss == "fd" and not (a[2:] == b[2:] and {a[0], b[0]} == {"S", "T"}):
+            raise ValueError(f"{where}: fd compares features of one modality across teacher and student "
+                             f"(S_img-T_img or S_txt-T_txt), got {a}-{b}")
+        if term.weight < 0:
+            raise ValueError(f"{where}.weight must be >= 0, got {term.weight}")
+        if term.temp <= 0:
+            raise ValueError(f"{where}.temp must be > 0, got {term.temp}")
+        return term
+
+
+def _parse_edge(value, where: str) -> Tuple[str, str]:
+    nodes = tuple(str(value).split("-")) if value is not None else ()
+    if len(nodes) != 2 or any(n not in CONACLIP_NODES for n in nodes):
+        raise ValueError(f"{where}={value!r} is not an edge 'A-B' of nodes {list(CONACLIP_NODES)}")
+    if not any(n.startswith("S") for n in nodes):
+        raise ValueError(f"{where}={value!r} joins two teacher nodes: nothing to train")
+    return nodes  # type: ignore[return-value]
 
 
 @dataclass
@@ -34,6 +107,8 @@ class DistillConfig:
     teacher_temp: float = 1.0
     # Where negatives are mined: the batch gathered over all ranks, or this rank's own part.
     mining_scope: str = "gathered"
+    # ConaCLIP's graph: one entry per weighted edge loss (see ConaclipTerm).
+    conaclip: List[Any] = field(default_factory=lambda: [dict(t) for t in DEFAULT_CONACLIP_TERMS])
     teacher: Dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -67,10 +142,25 @@ class DistillConfig:
             raise ValueError(f"model.distill.mining_scope={self.mining_scope!r} is not one of {list(MINING_SCOPES)}")
         self.weight = float(self.weight)
         self.valid_threshold = float(self.valid_threshold)
+        if not isinstance(self.conaclip, (list, tuple)) or not self.conaclip:
+            raise ValueError("model.distill.conaclip must be a non-empty list of edge terms")
+        self.conaclip = [
+            t if isinstance(t, ConaclipTerm) else ConaclipTerm.parse(dict(t), f"model.distill.conaclip[{i}]")
+            for i, t in enumerate(self.conaclip)
+        ]
         if self.loss != "none":
             from lavis_cprd.teachers import teacher_class
 
-            teacher_class(self.teacher.get("arch", "blip_image_text_matching"))  # fails early, listing choices
+            teacher_class(self.teacher.get("arch", self.default_teacher), self.teacher_kind)  # fails early, listing choices
+
+    @property
+    def teacher_kind(self) -> str:
+        """``dual`` (ConaCLIP: the teacher embeds) or ``cross`` (the teacher scores pairs)."""
+        return "dual" if self.loss == "conaclip" else "cross"
+
+    @property
+    def default_teacher(self) -> str:
+        return "blip_feature_extractor" if self.teacher_kind == "dual" else "blip_image_text_matching"
 
     @property
     def needs_teacher(self) -> bool:

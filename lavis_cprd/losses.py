@@ -6,7 +6,7 @@ similarities divided by the learnable temperature (``s / tau``).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -181,3 +181,107 @@ def margin_mse_loss_per_query(
 def margin_mse_loss(student_pos, student_neg, teacher_pos, teacher_neg, candidate_mask=None) -> torch.Tensor:
     """Mean of :func:`margin_mse_loss_per_query` over queries."""
     return _masked_mean(*margin_mse_loss_per_query(student_pos, student_neg, teacher_pos, teacher_neg, candidate_mask))
+
+
+# ---------------------------------------------------------------------------------------------
+# ConaCLIP (dual-to-dual): edge losses of the fully connected graph over the four encoders
+# {S_img, S_txt, T_img, T_txt}. Rows of every feature matrix are the batch's samples (unit
+# vectors); ``a``/``b`` are the two ends of an edge, hats the teacher's nodes of the same
+# modalities. B = batch size.
+# ---------------------------------------------------------------------------------------------
+CONACLIP_NODES = ("S_img", "S_txt", "T_img", "T_txt")
+
+
+def infonce_edge_loss(a: torch.Tensor, b: torch.Tensor, pos: torch.Tensor, temp: float) -> torch.Tensor:
+    """Symmetric InfoNCE between the two ends of an edge::
+
+        L = 1/2 ( CE(a b^T / temp, y) + CE(b a^T / temp, y^T) )
+
+    the target of row ``i`` uniform over ``pos[i]`` (samples of the same image).
+    """
+    logits = a.float() @ b.float().t() / temp
+    return 0.5 * (contrastive_loss(logits, pos) + contrastive_loss(logits.t(), pos.t()))
+
+
+def feature_distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """FD: ``L = 1/B sum_i ||s_i - t_i||^2`` (same modality, same space)."""
+    return (student.float() - teacher.float()).pow(2).sum(dim=1).mean()
+
+
+def similarity_distill_loss(student_sim: torch.Tensor, teacher_sim: torch.Tensor) -> torch.Tensor:
+    """SD: ``L = ||S - T||_F^2 / (B C)`` for ``[B, C]`` similarity matrices (``/ B^2`` when square)."""
+    return (student_sim.float() - teacher_sim.float()).pow(2).mean()
+
+
+def _row_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``1/B sum_i KL(p_i || q_i)`` from row log-probabilities."""
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
+
+
+def similarity_kl_loss(student_sim: torch.Tensor, teacher_sim: torch.Tensor, temp: float) -> torch.Tensor:
+    """KL: ``L = 1/B sum_i KL( softmax(T_i / temp) || softmax(S_i / temp) )`` over rows."""
+    return _row_kl(F.log_softmax(teacher_sim.float() / temp, dim=1), F.log_softmax(student_sim.float() / temp, dim=1))
+
+
+def sym_similarity_distill_loss(sim_a: torch.Tensor, sim_b: torch.Tensor) -> torch.Tensor:
+    """Sym-SD: two similarity matrices as mutual targets, both trained: ``||A - B||_F^2 / (B C)``."""
+    return similarity_distill_loss(sim_a, sim_b)
+
+
+def sym_similarity_kl_loss(sim_a: torch.Tensor, sim_b: torch.Tensor, temp: float) -> torch.Tensor:
+    """Sym-KL: ``L = 1/B sum_i KL(p_i || q_i) + KL(q_i || p_i)``, ``p = softmax(A / temp)``,
+    ``q = softmax(B / temp)`` row-wise, both trained."""
+    log_p, log_q = F.log_softmax(sim_a.float() / temp, dim=1), F.log_softmax(sim_b.float() / temp, dim=1)
+    return _row_kl(log_p, log_q) + _row_kl(log_q, log_p)
+
+
+def conaclip_loss(
+    student: Dict[str, torch.Tensor],
+    student_in_teacher_space: Dict[str, torch.Tensor],
+    teacher: Dict[str, torch.Tensor],
+    pos: torch.Tensor,
+    terms: Sequence,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """ConaCLIP's graph loss ``L = sum_e w_e L_e`` over configured edge terms.
+
+    ``student``: ``{"img", "txt"}`` unit features in the student's space (used on student-student
+    edges); ``student_in_teacher_space``: the same projected into the teacher's space (used on
+    edges that touch a teacher node); ``teacher``: ``{"img", "txt"}``. Each term has ``loss``
+    (``infonce``, ``fd``, ``sd``, ``kl``, ``sym_sd``, ``sym_kl``), ``edge`` and ``mirror``
+    (pairs of node names), ``weight`` and ``temp``. For ``sd``/``kl`` the target of edge
+    ``(A, B)`` is the teacher's similarity between the modalities of ``A`` and ``B``; the
+    ``sym_*`` losses make the similarity matrices of ``edge`` and ``mirror`` mutual targets.
+    Returns the total and each term's value, keyed ``"loss:A-B"``.
+    """
+
+    def feats(edge):
+        space = student_in_teacher_space if any(n.startswith("T") for n in edge) else student
+        return [teacher[n[2:]] if n.startswith("T") else space[n[2:]] for n in edge]
+
+    def teacher_sim(edge):
+        return teacher[edge[0][2:]] @ teacher[edge[1][2:]].t()
+
+    values: Dict[str, torch.Tensor] = {}
+    total = pos.new_zeros((), dtype=torch.float32)
+    for term in terms:
+        a, b = feats(term.edge)
+        if term.loss == "infonce":
+            value = infonce_edge_loss(a, b, pos, term.temp)
+        elif term.loss == "fd":
+            value = feature_distill_loss(a, b)
+        elif term.loss == "sd":
+            value = similarity_distill_loss(a @ b.t(), teacher_sim(term.edge))
+        elif term.loss == "kl":
+            value = similarity_kl_loss(a @ b.t(), teacher_sim(term.edge), term.temp)
+        elif term.loss in ("sym_sd", "sym_kl"):
+            c, d = feats(term.mirror)
+            if term.loss == "sym_sd":
+                value = sym_similarity_distill_loss(a @ b.t(), c @ d.t())
+            else:
+                value = sym_similarity_kl_loss(a @ b.t(), c @ d.t(), term.temp)
+        else:
+            raise ValueError(f"ConaCLIP term loss={term.loss!r} has no implementation")
+        key = f"{term.loss}:{'-'.join(term.edge)}" + (f"~{'-'.join(term.mirror)}" if term.loss.startswith("sym") else "")
+        values[key] = value
+        total = total + term.weight * value
+    return total, values

@@ -232,7 +232,7 @@ def test_detach_temperature_keeps_distillation_off_tau(batch):
 
 
 def test_config_errors_are_clear():
-    choices = r"\['none', 'cprd', 'loopitr', 'margin_mse', 'kl', 'listmle_full'\]"
+    choices = r"\['none', 'cprd', 'loopitr', 'margin_mse', 'kl', 'listmle_full', 'conaclip'\]"
     with pytest.raises(ValueError, match=r"model.distill.loss='cprdd' is not one of " + choices):
         CprdDualEncoder.from_config(tiny_model_cfg(loss="cprdd"))
     with pytest.raises(ValueError, match="teacher_temp must be > 0"):

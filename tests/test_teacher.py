@@ -68,8 +68,9 @@ def test_bf16_scores_close_to_fp32(teacher, batch):
 
 def test_unknown_teacher_lists_choices():
     with pytest.raises(ValueError, match=r"arch='blip_itm_typo' has no teacher adapter; available: \['blip_image_text_matching'\]"):
-        build_teacher(OmegaConf.create({"arch": "blip_itm_typo"}))
-    assert "blip_image_text_matching" in available_teachers()
+        build_teacher(OmegaConf.create({"arch": "blip_itm_typo"}), kind="cross")
+    assert available_teachers("cross") == ["blip_image_text_matching"]
+    assert available_teachers("dual") == ["blip_feature_extractor", "clip_feature_extractor", "cprd_dual_encoder"]
 
 
 def test_unknown_model_type_and_precision():

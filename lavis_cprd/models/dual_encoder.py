@@ -12,12 +12,14 @@ import torch
 import torch.nn.functional as F
 from lavis.common.registry import registry
 from lavis.models.blip_models.blip import BlipBase
+from omegaconf import OmegaConf
 from torch import nn
 from transformers.modeling_outputs import ModelOutput
 
 from lavis_cprd import dist
 from lavis_cprd.distill_config import DistillConfig
 from lavis_cprd.losses import (
+    conaclip_loss,
     cprd_loss_per_query,
     itc_loss,
     kl_distill_loss_per_query,
@@ -27,7 +29,7 @@ from lavis_cprd.losses import (
 )
 from lavis_cprd.mining import all_negatives, first_occurrence_mask, mine_hard_negatives
 from lavis_cprd.models.encoders import build_text_encoder, build_vision_encoder
-from lavis_cprd.teachers import CrossEncoderTeacher, build_teacher
+from lavis_cprd.teachers import FrozenTeacher, build_teacher, teacher_class
 from lavis_cprd.tokenization import load_blip_tokenizer
 
 _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models")
@@ -76,8 +78,18 @@ class CprdDualEncoder(BlipBase):
         self.max_txt_len = max_txt_len
         self.distill = distill or DistillConfig()
         self.tokenizer_path = tokenizer_path
-        self._teacher: Optional[CrossEncoderTeacher] = None
+        self._teacher: Optional[FrozenTeacher] = None
         self.epoch = 0  # set by the task each training epoch (distill.start_epoch)
+        if self.distill.loss == "conaclip":
+            # ConaCLIP's teacher-student edges compare embeddings across the two models: the
+            # student's features are mapped into the teacher's space (identity when the sizes
+            # agree). Only those edges read it; retrieval uses the student's own space.
+            teacher_cfg = OmegaConf.create(self.distill.teacher)
+            adapter = teacher_class(teacher_cfg.get("arch", self.distill.default_teacher), "dual")
+            self.teacher_embed_dim = dim = adapter.embed_dim_of(teacher_cfg)
+            self.conaclip_proj = nn.ModuleDict(
+                {m: nn.Identity() if dim == embed_dim else nn.Linear(embed_dim, dim) for m in ("img", "txt")}
+            )
 
     # ----------------------------------------------------------------- encoders
     def tokenize(self, captions, device) -> "object":
@@ -97,16 +109,19 @@ class CprdDualEncoder(BlipBase):
 
     # ------------------------------------------------------------------ teacher
     @property
-    def teacher(self) -> CrossEncoderTeacher:
-        """The frozen cross-encoder, built on first use (evaluation never builds it)."""
+    def teacher(self) -> FrozenTeacher:
+        """The frozen teacher (a cross-encoder; a dual encoder for ConaCLIP), built on first
+        use (evaluation never builds it)."""
         if self._teacher is None:
             t0 = time.time()
-            self._teacher = build_teacher(self.distill.teacher, tokenizer_path=self.tokenizer_path)
+            self._teacher = build_teacher(
+                self.distill.teacher, tokenizer_path=self.tokenizer_path, kind=self.distill.teacher_kind
+            )
             logging.info("Built teacher %s in %.1fs", self.distill.teacher.get("arch"), time.time() - t0)
         return self._teacher
 
     @teacher.setter
-    def teacher(self, teacher: CrossEncoderTeacher) -> None:
+    def teacher(self, teacher: FrozenTeacher) -> None:
         self._teacher = teacher
 
     # ------------------------------------------------------------------ training
@@ -138,6 +153,9 @@ class CprdDualEncoder(BlipBase):
 
         if not self.distilling:
             return CprdOutput(loss=loss_itc, loss_itc=loss_itc)
+        if self.distill.loss == "conaclip":
+            loss_distill = self._conaclip(image, captions, image_ids, image_feat, text_feat)
+            return CprdOutput(loss=loss_itc + self.distill.weight * loss_distill, loss_itc=loss_itc, loss_distill=loss_distill)
 
         loss_distill, valid = self._distill(image, captions, image_ids, image_ids_all, sim_i2t, sim_t2i)
         return CprdOutput(
@@ -146,6 +164,21 @@ class CprdDualEncoder(BlipBase):
             loss_distill=loss_distill,
             valid_negatives=valid,
         )
+
+    def _conaclip(self, image, captions, image_ids, image_feat, text_feat) -> torch.Tensor:
+        """ConaCLIP's graph loss on this rank's batch (DDP averages the ranks' gradients)."""
+        t_img, t_txt = self.teacher.encode(image, captions)
+        if t_img.shape[1] != self.teacher_embed_dim:
+            raise ValueError(
+                f"the teacher ({self.distill.teacher.get('arch')}) embeds in {t_img.shape[1]} dimensions, but its config "
+                f"said {self.teacher_embed_dim}: check model.distill.teacher"
+            )
+        student = {"img": image_feat, "txt": text_feat}
+        projected = {k: F.normalize(self.conaclip_proj[k](v), dim=-1) for k, v in student.items()}
+        total, _ = conaclip_loss(
+            student, projected, {"img": t_img, "txt": t_txt}, positive_mask(image_ids, image_ids), self.distill.conaclip
+        )
+        return total
 
     def _distill(self, image, captions, image_ids, image_ids_all, sim_i2t, sim_t2i) -> Tuple[torch.Tensor, torch.Tensor]:
         """Pick each query's candidates (K mined hard negatives, or every negative), score

@@ -1,22 +1,26 @@
-"""The one interface every cross-encoder teacher implements."""
+"""The interfaces every teacher implements: a cross-encoder scores (image, caption) pairs, a
+dual encoder embeds images and captions separately (ConaCLIP's teacher)."""
 from __future__ import annotations
 
 import abc
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 PRECISIONS: Dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class CrossEncoderTeacher(abc.ABC):
-    """A frozen cross-encoder that scores (image, caption) pairs.
+class FrozenTeacher(abc.ABC):
+    """A frozen model in eval mode.
 
     Deliberately *not* an ``nn.Module``: held by the student as a plain attribute, its weights
     never enter the student's ``state_dict`` (checkpoints), ``parameters()`` (optimizer) or
     DDP's gradient buckets, and the runner's ``model.train()`` never reaches it.
     """
 
+    # "cross" (scores pairs: CPRD and the other ranking/logit losses) or "dual" (embeds: ConaCLIP).
+    kind: str = ""
     model: torch.nn.Module
 
     def __init__(self, model: torch.nn.Module, precision: str = "fp32", batch_size: int = 128):
@@ -28,13 +32,27 @@ class CrossEncoderTeacher(abc.ABC):
         self.precision = precision
         self.batch_size = int(batch_size)
 
-    def to(self, device: torch.device) -> "CrossEncoderTeacher":
+    def to(self, device: torch.device) -> "FrozenTeacher":
         self.model.to(device)
         return self
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def _prepare(self, device: torch.device) -> torch.autocast:
+        """Move to ``device``, enter eval mode; the autocast context of ``precision``."""
+        if self.device != device:
+            self.to(device)
+        self.model.eval()
+        dtype = PRECISIONS[self.precision]
+        return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+class CrossEncoderTeacher(FrozenTeacher):
+    """A frozen cross-encoder that scores (image, caption) pairs."""
+
+    kind = "cross"
 
     @abc.abstractmethod
     def _match_logits(self, images: torch.Tensor, captions: Sequence[str], pairs: torch.Tensor) -> torch.Tensor:
@@ -43,14 +61,11 @@ class CrossEncoderTeacher(abc.ABC):
     @torch.no_grad()
     def match_logits(self, images: torch.Tensor, captions: Sequence[str], pairs: torch.Tensor) -> torch.Tensor:
         """ITM logits ``[P, 2]`` in float32, computed in eval mode under ``no_grad``."""
-        if self.device != images.device:
-            self.to(images.device)
-        self.model.eval()
+        autocast = self._prepare(images.device)
         pairs = pairs.to(images.device).long().view(-1, 2)
         if pairs.numel() == 0:
             return images.new_zeros(0, 2, dtype=torch.float32)
-        dtype = PRECISIONS[self.precision]
-        with torch.autocast(device_type=images.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with autocast:
             logits = self._match_logits(images, list(captions), pairs)
         return logits.float()
 
@@ -62,6 +77,46 @@ class CrossEncoderTeacher(abc.ABC):
         """Teacher logit ``log p1 - log p0`` for each pair (used by KL-style losses), ``[P]``."""
         logits = self.match_logits(images, captions, pairs)
         return logits[:, 1] - logits[:, 0]
+
+
+class DualEncoderTeacher(FrozenTeacher):
+    """A frozen dual encoder: unit image and text embeddings in one space of ``embed_dim``."""
+
+    kind = "dual"
+
+    @classmethod
+    @abc.abstractmethod
+    def embed_dim_of(cls, cfg) -> int:
+        """The embedding size the teacher config ``cfg`` builds, without building it (the
+        student sizes its projection into the teacher's space at construction)."""
+
+    @abc.abstractmethod
+    def _encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Image embeddings ``[N, D]`` (any norm) of a chunk of student-preprocessed images."""
+
+    @abc.abstractmethod
+    def _encode_texts(self, captions: List[str], device: torch.device) -> torch.Tensor:
+        """Text embeddings ``[N, D]`` (any norm) of a chunk of captions."""
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, captions: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Unit embeddings ``(images [N, D], captions [M, D])`` in float32, eval mode, no grad."""
+        autocast = self._prepare(images.device)
+        captions = list(captions)
+        with autocast:
+            image_feat = torch.cat([self._encode_images(images[s]) for s in chunks(len(images), self.batch_size)])
+            text_feat = torch.cat(
+                [self._encode_texts(captions[s], images.device) for s in chunks(len(captions), self.batch_size)]
+            )
+        return F.normalize(image_feat.float(), dim=-1), F.normalize(text_feat.float(), dim=-1)
+
+
+def match_resolution(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize student-preprocessed images to the teacher's resolution. BLIP and CLIP share the
+    same normalization constants, so only the size can differ."""
+    if pixels.shape[-1] == size and pixels.shape[-2] == size:
+        return pixels
+    return F.interpolate(pixels, size=(size, size), mode="bicubic", align_corners=False)
 
 
 def chunks(n: int, size: int) -> List[slice]:

@@ -5,12 +5,11 @@ import os
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from lavis.models.blip_models.blip_image_text_matching import BlipITM
 from omegaconf import OmegaConf
 
 from lavis_cprd.models.encoders import build_text_encoder, build_vision_encoder
-from lavis_cprd.teachers.base import CrossEncoderTeacher, chunks
+from lavis_cprd.teachers.base import CrossEncoderTeacher, chunks, match_resolution
 from lavis_cprd.teachers.registry import register_teacher
 from lavis_cprd.tokenization import with_local_tokenizer
 
@@ -29,6 +28,26 @@ def architecture_from_checkpoint(path: str) -> dict:
         return {}
     stored = torch.load(path, map_location="cpu", weights_only=True).get("config", {}).get("model", {})
     return {k: stored[k] for k in ARCHITECTURE_KEYS if k in stored}
+
+
+def blip_model_config(model_cls, arch: str, cfg):
+    """The model config of a BLIP teacher: LAVIS's default for ``cfg.model_type``, then the
+    ``cfg.model`` overrides, then the tower sizes stored in a local ``cfg.checkpoint`` (the
+    weights only fit those). ``checkpoint: null`` keeps the default's weights, ``""`` means
+    random init."""
+    model_type = cfg.get("model_type", "base")
+    if model_type not in model_cls.PRETRAINED_MODEL_CONFIG_DICT:
+        raise ValueError(
+            f"teacher model_type={model_type!r} is not one of {sorted(model_cls.PRETRAINED_MODEL_CONFIG_DICT)} for {arch}"
+        )
+    mcfg = OmegaConf.merge(OmegaConf.load(model_cls.default_config_path(model_type)).model, cfg.get("model", None) or {})
+    checkpoint = cfg.get("checkpoint", None)
+    if checkpoint:
+        mcfg = OmegaConf.merge(mcfg, architecture_from_checkpoint(checkpoint))
+    if checkpoint is not None:
+        mcfg.finetuned = checkpoint
+        mcfg.load_finetuned = True
+    return mcfg
 
 
 @register_teacher("blip_image_text_matching")
@@ -51,23 +70,7 @@ class BlipITMTeacher(CrossEncoderTeacher):
         A local checkpoint written by LAVIS's runner (e.g. a ``cprd_blip_retrieval`` teacher
         trained here) carries its model config. Its tower sizes win over ``model`` overrides
         (the weights only fit them), so ``checkpoint: path/to/checkpoint_best.pth`` is enough."""
-        model_type = cfg.get("model_type", "base")
-        if model_type not in BlipITM.PRETRAINED_MODEL_CONFIG_DICT:
-            raise ValueError(
-                f"teacher model_type={model_type!r} is not one of "
-                f"{sorted(BlipITM.PRETRAINED_MODEL_CONFIG_DICT)} for blip_image_text_matching"
-            )
-        mcfg = OmegaConf.merge(
-            OmegaConf.load(BlipITM.default_config_path(model_type)).model,
-            cfg.get("model", None) or {},
-        )
-        checkpoint = cfg.get("checkpoint", None)
-        if checkpoint:
-            mcfg = OmegaConf.merge(mcfg, architecture_from_checkpoint(checkpoint))
-        if checkpoint is not None:
-            mcfg.finetuned = checkpoint
-            mcfg.load_finetuned = True
-
+        mcfg = blip_model_config(BlipITM, "blip_image_text_matching", cfg)
         image_encoder = build_vision_encoder(mcfg)
         text_encoder = build_text_encoder(mcfg, cross_attention=True, encoder_width=image_encoder.vision_width)
         model_cls = with_local_tokenizer(BlipITM, tokenizer_path or mcfg.get("tokenizer_path", None))
@@ -90,10 +93,7 @@ class BlipITMTeacher(CrossEncoderTeacher):
         image_rows, image_of_pair = pairs[:, 0].unique(return_inverse=True)
         text_rows, text_of_pair = pairs[:, 1].unique(return_inverse=True)
 
-        pixels = images[image_rows]
-        if pixels.shape[-1] != self.image_size:
-            # Teacher and student may use different resolutions; both use BLIP normalization.
-            pixels = F.interpolate(pixels, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False)
+        pixels = match_resolution(images[image_rows], self.image_size)
         image_embeds = torch.cat(
             [model.visual_encoder.forward_features(pixels[s]) for s in chunks(len(pixels), self.batch_size)]
         )

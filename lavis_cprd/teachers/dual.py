@@ -1,0 +1,163 @@
+"""Dual-encoder teachers (ConaCLIP): BLIP's, CLIP's and our own dual encoders, frozen.
+
+Each embeds student-preprocessed images (resized to its own resolution) and raw captions
+(with its own tokenizer) into unit vectors of its ``embed_dim``.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional
+
+import torch
+from lavis.models.blip_models.blip_feature_extractor import BlipFeatureExtractor
+from omegaconf import OmegaConf
+
+from lavis_cprd.models.encoders import build_text_encoder, build_vision_encoder
+from lavis_cprd.teachers.base import DualEncoderTeacher, match_resolution
+from lavis_cprd.teachers.blip_itm import blip_model_config
+from lavis_cprd.teachers.registry import register_teacher
+from lavis_cprd.tokenization import with_local_tokenizer
+
+
+class _BlipShapedTeacher(DualEncoderTeacher):
+    """Any model with BLIP's dual part: ``visual_encoder`` + ``vision_proj``,
+    ``text_encoder.forward_text`` + ``text_proj``, ``tokenizer``, ``max_txt_len``."""
+
+    @property
+    def image_size(self) -> int:
+        return int(self.model.visual_encoder.patch_embed.img_size[0])
+
+    def _encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        embeds = self.model.visual_encoder.forward_features(match_resolution(images, self.image_size))
+        return self.model.vision_proj(embeds[:, 0, :])
+
+    def _encode_texts(self, captions: List[str], device: torch.device) -> torch.Tensor:
+        tokens = self.model.tokenizer(
+            captions, padding="longest", truncation=True, max_length=self.model.max_txt_len, return_tensors="pt"
+        ).to(device)
+        return self.model.text_proj(self.model.text_encoder.forward_text(tokens).last_hidden_state[:, 0, :])
+
+
+@register_teacher("blip_feature_extractor")
+class BlipFeatureTeacher(_BlipShapedTeacher):
+    """BLIP's unimodal (ITC) encoders, LAVIS ``blip_feature_extractor``.
+
+    ``cfg`` as for ``blip_image_text_matching``: ``model_type`` (``base``: BLIP's pre-trained
+    checkpoint by URL), ``model`` overrides, ``checkpoint`` (a BLIP retrieval/ITM checkpoint
+    works: only its dual part is read; a local LAVIS runner checkpoint brings its tower sizes;
+    ``""`` = random init), ``precision``, ``batch_size``.
+    """
+
+    @classmethod
+    def embed_dim_of(cls, cfg) -> int:
+        return int(blip_model_config(BlipFeatureExtractor, "blip_feature_extractor", cfg).get("embed_dim", 256))
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer_path: Optional[str] = None) -> "BlipFeatureTeacher":
+        mcfg = blip_model_config(BlipFeatureExtractor, "blip_feature_extractor", cfg)
+        image_encoder = build_vision_encoder(mcfg)
+        # The multimodal (cross-attention) layers are never used by a dual-encoder teacher.
+        text_encoder = build_text_encoder(mcfg, cross_attention=False, encoder_width=image_encoder.vision_width)
+        model_cls = with_local_tokenizer(BlipFeatureExtractor, tokenizer_path or mcfg.get("tokenizer_path", None))
+        model = model_cls(
+            image_encoder=image_encoder,
+            text_encoder=text_encoder,
+            embed_dim=int(mcfg.get("embed_dim", 256)),
+            max_txt_len=int(mcfg.get("max_txt_len", 40)),
+        )
+        if mcfg.get("load_finetuned", False):
+            if mcfg.get("finetuned"):
+                model.load_checkpoint(mcfg.finetuned)
+        elif mcfg.get("pretrained"):
+            model.load_from_pretrained(mcfg.pretrained)
+        return cls(model, precision=cfg.get("precision", "fp32"), batch_size=cfg.get("batch_size", 128))
+
+
+def _stored_model_config(checkpoint: str) -> dict:
+    if not checkpoint or not os.path.isfile(checkpoint):
+        raise ValueError(
+            f"model.distill.teacher.checkpoint={checkpoint!r}: a cprd_dual_encoder teacher is a trained "
+            "checkpoint written by LAVIS's runner (its config says the sizes)"
+        )
+    return torch.load(checkpoint, map_location="cpu", weights_only=True)["config"]["model"]
+
+
+@register_teacher("cprd_dual_encoder")
+class CprdDualTeacher(_BlipShapedTeacher):
+    """A trained ``cprd_dual_encoder`` (e.g. a larger student of this library) as the teacher.
+    ``cfg.checkpoint``: its LAVIS runner checkpoint, which carries its model config."""
+
+    @classmethod
+    def embed_dim_of(cls, cfg) -> int:
+        return int(_stored_model_config(cfg.get("checkpoint", None)).get("embed_dim", 256))
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer_path: Optional[str] = None) -> "CprdDualTeacher":
+        from lavis_cprd.models.dual_encoder import CprdDualEncoder
+
+        mcfg = OmegaConf.create(_stored_model_config(cfg.get("checkpoint", None)))
+        mcfg.load_finetuned, mcfg.finetuned, mcfg.pretrained = True, cfg.checkpoint, None
+        mcfg.pop("text_pretrained", None)  # the weights come from the checkpoint
+        mcfg.distill = {"loss": "none"}  # a teacher never distils
+        if tokenizer_path and not mcfg.get("tokenizer_path"):
+            mcfg.tokenizer_path = tokenizer_path
+        model = CprdDualEncoder.from_config(mcfg)
+        return cls(model, precision=cfg.get("precision", "fp32"), batch_size=cfg.get("batch_size", 128))
+
+
+@register_teacher("clip_feature_extractor")
+class ClipFeatureTeacher(DualEncoderTeacher):
+    """CLIP (LAVIS ``clip_feature_extractor``, OpenCLIP's model class).
+
+    ``cfg``: ``model_type`` (``ViT-B-32``, ``ViT-B-16``, ``ViT-L-14``, ``RN50``...) and
+    ``pretrained`` (``openai``, or a state-dict path; default ``openai``); or ``model``:
+    explicit ``{embed_dim, vision_cfg, text_cfg}`` of OpenCLIP's ``CLIP`` (random init unless
+    ``pretrained`` is a path). ``precision``, ``batch_size``.
+    """
+
+    @staticmethod
+    def _explicit(cfg) -> Optional[dict]:
+        explicit = cfg.get("model", None)
+        if explicit is None:
+            return None
+        explicit = OmegaConf.to_container(explicit, resolve=True) if OmegaConf.is_config(explicit) else dict(explicit)
+        missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in explicit]
+        if missing:
+            raise ValueError(f"model.distill.teacher.model for clip_feature_extractor needs {missing}")
+        return explicit
+
+    @classmethod
+    def embed_dim_of(cls, cfg) -> int:
+        explicit = cls._explicit(cfg)
+        if explicit is not None:
+            return int(explicit["embed_dim"])
+        from lavis.models.clip_models.model import _MODEL_CONFIGS
+
+        model_type = cfg.get("model_type", "ViT-B-32").replace("/", "-")
+        if model_type not in _MODEL_CONFIGS:
+            raise ValueError(
+                f"teacher model_type={model_type!r} is not one of {sorted(_MODEL_CONFIGS)} for clip_feature_extractor"
+            )
+        return int(_MODEL_CONFIGS[model_type]["embed_dim"])
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer_path: Optional[str] = None) -> "ClipFeatureTeacher":
+        from lavis.models.clip_models.model import CLIP, create_model
+
+        explicit = cls._explicit(cfg)
+        if explicit is None:
+            cls.embed_dim_of(cfg)  # validates model_type
+            model = create_model(cfg.get("model_type", "ViT-B-32"), pretrained=cfg.get("pretrained", "openai") or "")
+        else:
+            model = CLIP(**explicit)
+            if cfg.get("pretrained"):
+                model.load_state_dict(torch.load(cfg.pretrained, map_location="cpu", weights_only=True))
+        return cls(model.float(), precision=cfg.get("precision", "fp32"), batch_size=cfg.get("batch_size", 128))
+
+    def _encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.model.visual.image_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        return self.model.encode_image(match_resolution(images, int(size)))
+
+    def _encode_texts(self, captions: List[str], device: torch.device) -> torch.Tensor:
+        return self.model.encode_text(self.model.tokenizer(captions, context_length=self.model.context_length).to(device))
