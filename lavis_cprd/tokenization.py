@@ -58,18 +58,26 @@ def load_blip_tokenizer(path: Optional[str] = None) -> BertTokenizer:
     return tokenizer
 
 
-def with_local_tokenizer(model_cls: type, path: Optional[str]) -> type:
-    """A subclass of a LAVIS BLIP model class whose ``init_tokenizer`` reads ``path``.
+def load_bert_tokenizer(path: Optional[str] = None) -> BertTokenizer:
+    """Plain bert-base-uncased (ALBEF's tokenizer: no BLIP special tokens)."""
+    folder = resolve_tokenizer_path(path)
+    return BertTokenizer.from_pretrained(folder or "bert-base-uncased")
+
+
+def with_local_tokenizer(model_cls: type, path: Optional[str], plain: bool = False) -> type:
+    """A subclass of a LAVIS model class whose ``init_tokenizer`` reads ``path``: BLIP's
+    tokenizer, or with ``plain`` the bare bert-base-uncased one (ALBEF).
 
     Behaviour is otherwise the LAVIS class's own (same forward, same checkpoint keys).
     """
     if resolve_tokenizer_path(path) is None:
         return model_cls
+    load = load_bert_tokenizer if plain else load_blip_tokenizer
 
     class _LocalTokenizer(model_cls):
         @classmethod
         def init_tokenizer(cls):
-            return load_blip_tokenizer(path)
+            return load(path)
 
     _LocalTokenizer.__name__ = model_cls.__name__
     _LocalTokenizer.__qualname__ = model_cls.__qualname__

@@ -1,5 +1,6 @@
 """The BLIP ITM teacher adapter against LAVIS's own BlipITM."""
 import pytest
+import torch.nn.functional as F
 import torch
 from lavis.models.blip_models.blip_image_text_matching import BlipITM
 from omegaconf import OmegaConf
@@ -67,9 +68,10 @@ def test_bf16_scores_close_to_fp32(teacher, batch):
 
 
 def test_unknown_teacher_lists_choices():
-    with pytest.raises(ValueError, match=r"arch='blip_itm_typo' has no teacher adapter; available: \['blip_image_text_matching'\]"):
+    choices = r"\['albef_retrieval', 'blip_image_text_matching'\]"
+    with pytest.raises(ValueError, match=r"arch='blip_itm_typo' has no teacher adapter; available: " + choices):
         build_teacher(OmegaConf.create({"arch": "blip_itm_typo"}), kind="cross")
-    assert available_teachers("cross") == ["blip_image_text_matching"]
+    assert available_teachers("cross") == ["albef_retrieval", "blip_image_text_matching"]
     assert available_teachers("dual") == ["blip_feature_extractor", "clip_feature_extractor", "cprd_dual_encoder"]
 
 
@@ -80,3 +82,51 @@ def test_unknown_model_type_and_precision():
     cfg.precision = "fp8"
     with pytest.raises(ValueError, match="precision='fp8' is not one of"):
         BlipITMTeacher.from_config(cfg, tokenizer_path=TOKENIZER)
+
+
+ALBEF_TINY = {"vit_type": "custom", "image_size": 48, "vit_patch_size": 16, "vit_width": 32, "vit_depth": 1,
+              "vit_heads": 2, "text_width": 32, "text_depth": 2, "text_heads": 2, "text_fusion_layer": 1,
+              "embed_dim": 16, "queue_size": 8}
+
+
+class _Images(torch.utils.data.Dataset):
+    """What LAVIS's ``compute_sim_matrix`` reads: ``dataset.text``, ``dataset.image``, samples."""
+
+    def __init__(self, images, texts):
+        self.image, self.text = images, texts
+
+    def __len__(self):
+        return len(self.image)
+
+    def __getitem__(self, i):
+        return {"image": self.image[i]}
+
+
+def test_albef_scores_equal_lavis_albef_rerank_head(batch):
+    from lavis.models.albef_models import compute_sim_matrix
+
+    torch.manual_seed(0)
+    cfg = OmegaConf.create({"arch": "albef_retrieval", "checkpoint": "", "model": ALBEF_TINY})
+    teacher = build_teacher(cfg, tokenizer_path=TOKENIZER, kind="cross")
+    assert teacher.model.text_encoder.config.fusion_layer == 1
+    assert not hasattr(teacher.model.tokenizer, "enc_token_id")  # ALBEF keeps [CLS]
+    images, texts = batch["image"][2:7], batch["text_input"][:5]
+    pairs = torch.cartesian_prod(torch.arange(5), torch.arange(5))
+    got = teacher.match_logits(images, texts, pairs)[:, 1].view(5, 5)
+    # LAVIS's ALBEF evaluation re-ranks its top-k with score = itm_logit[:, 1] + ITC similarity;
+    # with k = every text, subtracting the similarity leaves the ITM logit of every pair.
+    model = teacher.model
+    loader = torch.utils.data.DataLoader(_Images(images, texts), batch_size=5)
+    i2t, t2i = compute_sim_matrix(model, loader, k_test=5)
+    with torch.no_grad():
+        v = F.normalize(model.vision_proj(model.visual_encoder.forward_features(images)[:, 0]), dim=-1)
+        tokens = model.tokenizer(texts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+        t = F.normalize(model.text_proj(model.text_encoder.forward_text(tokens).last_hidden_state[:, 0]), dim=-1)
+    torch.testing.assert_close(got, torch.as_tensor(i2t) - v @ t.t(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.t(), torch.as_tensor(t2i) - t @ v.t(), rtol=1e-4, atol=1e-5)
+
+
+def test_albef_fusion_layer_must_leave_a_cross_attention_layer():
+    cfg = OmegaConf.create({"arch": "albef_retrieval", "checkpoint": "", "model": {**ALBEF_TINY, "text_fusion_layer": 2}})
+    with pytest.raises(ValueError, match=r"model.text_fusion_layer=2 must be in \[0, text_depth=2\)"):
+        build_teacher(cfg, tokenizer_path=TOKENIZER, kind="cross")

@@ -4,7 +4,7 @@ LAVIS's ``VisionTransformerEncoder.from_config`` only knows ``base``/``large``;
 ``vit_type: custom`` builds the same class at explicit sizes (``vit_patch_size``,
 ``vit_width``, ``vit_depth``, ``vit_heads``). Text towers start from LAVIS's
 ``med_config_path`` and take ``text_width/text_depth/text_heads/text_intermediate/text_dropout``
-overrides.
+(and ALBEF's ``text_fusion_layer``) overrides.
 """
 from __future__ import annotations
 
@@ -56,6 +56,14 @@ def text_config(cfg, cross_attention: bool, encoder_width: int) -> BertConfig:
         config.intermediate_size = int(cfg.text_intermediate)
     if cfg.get("text_dropout") is not None:
         config.hidden_dropout_prob = config.attention_probs_dropout_prob = float(cfg.text_dropout)
+    if cfg.get("text_fusion_layer") is not None:  # ALBEF: cross-attention from this layer on
+        config.fusion_layer = int(cfg.text_fusion_layer)
+    fusion = getattr(config, "fusion_layer", None)
+    if cross_attention and fusion is not None and not 0 <= fusion < config.num_hidden_layers:
+        raise ValueError(
+            f"model.text_fusion_layer={fusion} must be in [0, text_depth={config.num_hidden_layers}): "
+            "ALBEF's text encoder needs at least one fusion (cross-attention) layer"
+        )
     config.add_cross_attention = cross_attention
     config.encoder_width = encoder_width
     return config

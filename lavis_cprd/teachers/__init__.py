@@ -4,6 +4,7 @@
 from lavis_cprd.teachers.base import CrossEncoderTeacher, DualEncoderTeacher, FrozenTeacher
 from lavis_cprd.teachers.registry import available_teachers, build_teacher, register_teacher, teacher_class
 from lavis_cprd.teachers.blip_itm import BlipITMTeacher  # noqa: F401  (registers the adapter)
+from lavis_cprd.teachers.albef import AlbefITMTeacher  # noqa: F401
 from lavis_cprd.teachers.dual import BlipFeatureTeacher, ClipFeatureTeacher, CprdDualTeacher  # noqa: F401
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "DualEncoderTeacher",
     "FrozenTeacher",
     "BlipITMTeacher",
+    "AlbefITMTeacher",
     "BlipFeatureTeacher",
     "ClipFeatureTeacher",
     "CprdDualTeacher",

@@ -18,7 +18,7 @@ from lavis_cprd.tokenization import with_local_tokenizer
 ARCHITECTURE_KEYS = (
     "vit_type", "image_size", "vit_patch_size", "vit_width", "vit_depth", "vit_heads", "med_config_path",
     "text_width", "text_depth", "text_heads", "text_intermediate", "text_pretrained", "embed_dim", "max_txt_len",
-    "tokenizer_path",
+    "tokenizer_path", "text_fusion_layer", "queue_size",
 )
 
 
@@ -50,6 +50,16 @@ def blip_model_config(model_cls, arch: str, cfg):
     return mcfg
 
 
+def load_teacher_weights(model, mcfg) -> None:
+    """LAVIS's own rule (``load_checkpoint_from_config``), except that an empty checkpoint
+    means random init: fine-tuned weights when ``load_finetuned``, else pre-trained ones."""
+    if mcfg.get("load_finetuned", False):
+        if mcfg.get("finetuned"):
+            model.load_checkpoint(mcfg.finetuned)
+    elif mcfg.get("pretrained"):
+        model.load_from_pretrained(mcfg.pretrained)
+
+
 @register_teacher("blip_image_text_matching")
 class BlipITMTeacher(CrossEncoderTeacher):
     """Scores pairs with BLIP's cross-encoder: ``softmax(itm_head(text_encoder(T, I)))[:, 1]``.
@@ -59,6 +69,8 @@ class BlipITMTeacher(CrossEncoderTeacher):
     """
 
     model: BlipITM
+    arch = "blip_image_text_matching"
+    model_class = BlipITM
 
     @classmethod
     def from_config(cls, cfg, tokenizer_path: Optional[str] = None) -> "BlipITMTeacher":
@@ -70,19 +82,22 @@ class BlipITMTeacher(CrossEncoderTeacher):
         A local checkpoint written by LAVIS's runner (e.g. a ``cprd_blip_retrieval`` teacher
         trained here) carries its model config. Its tower sizes win over ``model`` overrides
         (the weights only fit them), so ``checkpoint: path/to/checkpoint_best.pth`` is enough."""
-        mcfg = blip_model_config(BlipITM, "blip_image_text_matching", cfg)
+        mcfg = blip_model_config(cls.model_class, cls.arch, cfg)
         image_encoder = build_vision_encoder(mcfg)
         text_encoder = build_text_encoder(mcfg, cross_attention=True, encoder_width=image_encoder.vision_width)
-        model_cls = with_local_tokenizer(BlipITM, tokenizer_path or mcfg.get("tokenizer_path", None))
-        model = model_cls(
+        model = cls._build(mcfg, image_encoder, text_encoder, tokenizer_path or mcfg.get("tokenizer_path", None))
+        load_teacher_weights(model, mcfg)
+        return cls(model, precision=cfg.get("precision", "fp32"), batch_size=cfg.get("batch_size", 128))
+
+    @classmethod
+    def _build(cls, mcfg, image_encoder, text_encoder, tokenizer_path):
+        model_cls = with_local_tokenizer(BlipITM, tokenizer_path)
+        return model_cls(
             image_encoder=image_encoder,
             text_encoder=text_encoder,
             embed_dim=mcfg.get("embed_dim", 256),
             max_txt_len=mcfg.get("max_txt_len", 35),
         )
-        if mcfg.get("load_finetuned", True) and mcfg.get("finetuned"):
-            model.load_checkpoint(mcfg.finetuned)
-        return cls(model, precision=cfg.get("precision", "fp32"), batch_size=cfg.get("batch_size", 128))
 
     @property
     def image_size(self) -> int:
@@ -106,7 +121,8 @@ class BlipITMTeacher(CrossEncoderTeacher):
             return_tensors="pt",
         ).to(images.device)
         input_ids = text.input_ids.clone()
-        input_ids[:, 0] = model.tokenizer.enc_token_id
+        if hasattr(model.tokenizer, "enc_token_id"):  # BLIP marks ITM inputs with [ENC]; ALBEF keeps [CLS]
+            input_ids[:, 0] = model.tokenizer.enc_token_id
 
         logits = []
         for s in chunks(len(pairs), self.batch_size):

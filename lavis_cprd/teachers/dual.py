@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from lavis_cprd.models.encoders import build_text_encoder, build_vision_encoder
 from lavis_cprd.teachers.base import DualEncoderTeacher, match_resolution
-from lavis_cprd.teachers.blip_itm import blip_model_config
+from lavis_cprd.teachers.blip_itm import blip_model_config, load_teacher_weights
 from lavis_cprd.teachers.registry import register_teacher
 from lavis_cprd.tokenization import with_local_tokenizer
 
@@ -65,11 +65,7 @@ class BlipFeatureTeacher(_BlipShapedTeacher):
             embed_dim=int(mcfg.get("embed_dim", 256)),
             max_txt_len=int(mcfg.get("max_txt_len", 40)),
         )
-        if mcfg.get("load_finetuned", False):
-            if mcfg.get("finetuned"):
-                model.load_checkpoint(mcfg.finetuned)
-        elif mcfg.get("pretrained"):
-            model.load_from_pretrained(mcfg.pretrained)
+        load_teacher_weights(model, mcfg)
         return cls(model, precision=cfg.get("precision", "fp32"), batch_size=cfg.get("batch_size", 128))
 
 
