@@ -43,41 +43,42 @@ def resolve_tokenizer_path(path: Optional[str]) -> Optional[str]:
     return path
 
 
-def load_blip_tokenizer(path: Optional[str] = None) -> BertTokenizer:
-    """BLIP's tokenizer: bert-base-uncased plus ``[DEC]`` (bos) and ``[ENC]`` tokens."""
+def load_bert_tokenizer(path: Optional[str] = None, bos: bool = False, enc: bool = False) -> BertTokenizer:
+    """bert-base-uncased from ``path`` (or the hub), plus the special tokens a model family adds
+    on top, in LAVIS's order so token ids match its checkpoints: ``bos`` adds ``[DEC]`` (BLIP,
+    BLIP-2), ``enc`` adds ``[ENC]`` (BLIP). ALBEF uses neither."""
     folder = resolve_tokenizer_path(path)
-    if folder is None:
-        from lavis.models.blip_models.blip import BlipBase
-
-        return BlipBase.init_tokenizer()
-    # Same special tokens as BlipBase.init_tokenizer, so token ids match BLIP checkpoints.
-    tokenizer = BertTokenizer.from_pretrained(folder)
-    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
-    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
-    tokenizer.enc_token_id = tokenizer.additional_special_tokens_ids[0]
+    tokenizer = BertTokenizer.from_pretrained(folder or "bert-base-uncased")
+    if bos:
+        tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    if enc:
+        tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+        tokenizer.enc_token_id = tokenizer.additional_special_tokens_ids[0]
     return tokenizer
 
 
-def load_bert_tokenizer(path: Optional[str] = None) -> BertTokenizer:
-    """Plain bert-base-uncased (ALBEF's tokenizer: no BLIP special tokens)."""
-    folder = resolve_tokenizer_path(path)
-    return BertTokenizer.from_pretrained(folder or "bert-base-uncased")
+def load_blip_tokenizer(path: Optional[str] = None) -> BertTokenizer:
+    """BLIP's tokenizer: bert-base-uncased plus ``[DEC]`` (bos) and ``[ENC]`` tokens."""
+    if resolve_tokenizer_path(path) is None:
+        from lavis.models.blip_models.blip import BlipBase
+
+        return BlipBase.init_tokenizer()
+    return load_bert_tokenizer(path, bos=True, enc=True)
 
 
-def with_local_tokenizer(model_cls: type, path: Optional[str], plain: bool = False) -> type:
-    """A subclass of a LAVIS model class whose ``init_tokenizer`` reads ``path``: BLIP's
-    tokenizer, or with ``plain`` the bare bert-base-uncased one (ALBEF).
+def with_local_tokenizer(model_cls: type, path: Optional[str], bos: bool = True, enc: bool = True) -> type:
+    """A subclass of a LAVIS model class whose ``init_tokenizer`` reads ``path`` with the
+    family's special tokens (see ``load_bert_tokenizer``; defaults: BLIP's).
 
     Behaviour is otherwise the LAVIS class's own (same forward, same checkpoint keys).
     """
     if resolve_tokenizer_path(path) is None:
         return model_cls
-    load = load_bert_tokenizer if plain else load_blip_tokenizer
 
     class _LocalTokenizer(model_cls):
         @classmethod
-        def init_tokenizer(cls):
-            return load(path)
+        def init_tokenizer(cls, *args, **kwargs):
+            return load_bert_tokenizer(path, bos=bos, enc=enc)
 
     _LocalTokenizer.__name__ = model_cls.__name__
     _LocalTokenizer.__qualname__ = model_cls.__qualname__

@@ -68,10 +68,10 @@ def test_bf16_scores_close_to_fp32(teacher, batch):
 
 
 def test_unknown_teacher_lists_choices():
-    choices = r"\['albef_retrieval', 'blip_image_text_matching'\]"
+    choices = r"\['albef_retrieval', 'blip2_image_text_matching', 'blip_image_text_matching'\]"
     with pytest.raises(ValueError, match=r"arch='blip_itm_typo' has no teacher adapter; available: " + choices):
         build_teacher(OmegaConf.create({"arch": "blip_itm_typo"}), kind="cross")
-    assert available_teachers("cross") == ["albef_retrieval", "blip_image_text_matching"]
+    assert available_teachers("cross") == ["albef_retrieval", "blip2_image_text_matching", "blip_image_text_matching"]
     assert available_teachers("dual") == ["blip_feature_extractor", "clip_feature_extractor", "cprd_dual_encoder"]
 
 
@@ -130,3 +130,51 @@ def test_albef_fusion_layer_must_leave_a_cross_attention_layer():
     cfg = OmegaConf.create({"arch": "albef_retrieval", "checkpoint": "", "model": {**ALBEF_TINY, "text_fusion_layer": 2}})
     with pytest.raises(ValueError, match=r"model.text_fusion_layer=2 must be in \[0, text_depth=2\)"):
         build_teacher(cfg, tokenizer_path=TOKENIZER, kind="cross")
+
+
+BLIP2_TINY = {"vit_model": "custom", "image_size": 28, "vit_patch_size": 14, "vit_width": 32, "vit_depth": 1,
+              "vit_heads": 2, "qformer_width": 32, "qformer_depth": 2, "qformer_heads": 2, "num_query_token": 4,
+              "embed_dim": 16}
+
+
+@pytest.fixture(scope="module")
+def blip2_teacher():
+    torch.manual_seed(0)
+    cfg = OmegaConf.create({"arch": "blip2_image_text_matching", "checkpoint": "", "model": BLIP2_TINY})
+    return build_teacher(cfg, tokenizer_path=TOKENIZER, kind="cross")
+
+
+def test_blip2_scores_equal_lavis_blip2_itm_forward(blip2_teacher, batch):
+    from lavis.models.blip2_models.blip2_image_text_matching import Blip2ITM
+
+    model = blip2_teacher.model
+    assert len(model.tokenizer) == 30523  # bert-base-uncased + [DEC], as LAVIS's BLIP-2 checkpoints
+    assert model.Qformer.config.hidden_size == 32 and model.query_tokens.shape == (1, 4, 32)
+    # Student images are 48 px; the teacher resizes them to its own 28 px.
+    images, captions = batch["image"], batch["text_input"]
+    pairs = torch.tensor([[0, 1], [1, 3], [2, 2], [5, 0], [7, 7], [3, 6], [0, 6]])
+    got = blip2_teacher.match_logits(images, captions, pairs)
+    teacher_pixels = F.interpolate(images, size=(28, 28), mode="bicubic", align_corners=False)
+    # LAVIS's documented call, model({"image", "text_input"}, match_head="itm"), one pair at a
+    # time: it tokenizes without padding, so a batch must share one caption length.
+    with torch.no_grad():
+        want = torch.cat([
+            Blip2ITM.forward(model, {"image": teacher_pixels[i : i + 1], "text_input": [captions[j]]}, match_head="itm")
+            for i, j in pairs.tolist()
+        ])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert want.std(0).min() > 1e-3  # pairs really differ: a constant head would not test the indexing
+
+
+def test_blip2_encodes_each_image_once_and_checks_its_vit(blip2_teacher, batch, monkeypatch):
+    calls = []
+    original = blip2_teacher.model.visual_encoder.forward
+    monkeypatch.setattr(blip2_teacher.model.visual_encoder, "forward", lambda x: calls.append(len(x)) or original(x))
+    pairs = torch.cartesian_prod(torch.tensor([1, 5]), torch.arange(8))
+    blip2_teacher.score(batch["image"], batch["text_input"], pairs)
+    assert sum(calls) == 2
+    bad = OmegaConf.create({"arch": "blip2_image_text_matching", "checkpoint": "", "model": {**BLIP2_TINY, "vit_model": "vit_h"}})
+    with pytest.raises(ValueError, match=r"vit_model='vit_h' is not one of \['eva_clip_g', 'clip_L', 'custom'\]"):
+        build_teacher(bad, tokenizer_path=TOKENIZER, kind="cross")
+    with pytest.raises(ValueError, match=r"model_type='large' is not one of \['coco', 'pretrain', 'pretrain_vitL'\]"):
+        build_teacher(OmegaConf.create({"arch": "blip2_image_text_matching", "model_type": "large"}), kind="cross")

@@ -5,6 +5,7 @@ from lavis_cprd.teachers.base import CrossEncoderTeacher, DualEncoderTeacher, Fr
 from lavis_cprd.teachers.registry import available_teachers, build_teacher, register_teacher, teacher_class
 from lavis_cprd.teachers.blip_itm import BlipITMTeacher  # noqa: F401  (registers the adapter)
 from lavis_cprd.teachers.albef import AlbefITMTeacher  # noqa: F401
+from lavis_cprd.teachers.blip2_itm import Blip2ITMTeacher  # noqa: F401
 from lavis_cprd.teachers.dual import BlipFeatureTeacher, ClipFeatureTeacher, CprdDualTeacher  # noqa: F401
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "FrozenTeacher",
     "BlipITMTeacher",
     "AlbefITMTeacher",
+    "Blip2ITMTeacher",
     "BlipFeatureTeacher",
     "ClipFeatureTeacher",
     "CprdDualTeacher",

@@ -30,7 +30,7 @@ class AlbefITMTeacher(BlipITMTeacher):
 
     @classmethod
     def _build(cls, mcfg, image_encoder, text_encoder, tokenizer_path):
-        model_cls = with_local_tokenizer(AlbefRetrieval, tokenizer_path, plain=True)
+        model_cls = with_local_tokenizer(AlbefRetrieval, tokenizer_path, bos=False, enc=False)
         return model_cls(
             image_encoder=image_encoder,
             text_encoder=text_encoder,
