@@ -4,10 +4,13 @@ Importing this package imports LAVIS (models, tasks, builders, runners, lr sched
 registers lavis-cprd's own entries into LAVIS's registry:
 
 - task ``cprd_retrieval``
-- models ``cprd_dual_encoder`` (the student) and ``cprd_blip_retrieval`` (trains tiny teachers)
+- models ``cprd_dual_encoder`` (BLIP-style student), ``cprd_clip_dual_encoder`` (CLIP student) and
+  ``cprd_blip_retrieval`` (trains tiny teachers)
 - runner ``cprd_runner``
 - dataset builder ``cprd_shapes`` (synthetic, generated offline)
-- teacher adapters (``lavis_cprd.teachers``): ``blip_image_text_matching``
+- teacher adapters (``lavis_cprd.teachers``): cross-encoders ``blip_image_text_matching``,
+  ``blip2_image_text_matching``, ``albef_retrieval``; dual encoders ``blip_feature_extractor``,
+  ``clip_feature_extractor``, ``cprd_dual_encoder``
 """
 import lavis  # noqa: F401  (registers LAVIS's tasks, models, processors, builders)
 import lavis.common.optims  # noqa: F401  (registers lr schedulers)
@@ -17,6 +20,7 @@ from lavis_cprd import teachers  # noqa: F401,E402
 from lavis_cprd.datasets.builders import ShapesBuilder  # noqa: F401,E402
 from lavis_cprd.models.blip_retrieval import CprdBlipRetrieval  # noqa: F401,E402
 from lavis_cprd.models.dual_encoder import CprdDualEncoder  # noqa: F401,E402
+from lavis_cprd.models.clip_student import CprdClipDualEncoder  # noqa: F401,E402
 from lavis_cprd.runner import CprdRunner  # noqa: F401,E402
 from lavis_cprd.tasks import CprdRetrievalTask  # noqa: F401,E402
 

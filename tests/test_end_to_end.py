@@ -83,6 +83,27 @@ def test_evaluation_prints_lavis_metrics_and_evaluate_reproduces_them(trained):
     assert "Built teacher" not in out  # evaluation never builds the teacher
 
 
+def test_clip_student_trains_with_the_same_task_and_losses(retrieval_data, tmp_path):
+    """cprd_clip_dual_encoder through LAVIS's runner: CPRD loss logged, loss falls, LAVIS
+    retrieval metrics, a checkpoint with CLIP's weights and nothing of the teacher's."""
+    root, splits = retrieval_data
+    cfg = experiment_yaml(
+        tmp_path / "clip.yaml", root, splits, tmp_path / "out",
+        **{"model.arch": "cprd_clip_dual_encoder", "run.max_epoch": 3, "run.init_lr": 3e-4},
+    )
+    run_module("lavis_cprd.train", "--cfg-path", cfg)
+    (job_dir,) = glob.glob(str(tmp_path / "out" / "*"))
+    epochs = [r for r in read_log(job_dir) if "train_loss" in r]
+    assert len(epochs) == 3 and all("train_loss_distill" in r for r in epochs)
+    losses = [float(r["train_loss"]) for r in epochs]
+    assert losses[-1] < losses[0] - 0.05, losses
+    evaluations = [json.loads(line) for line in open(os.path.join(job_dir, "evaluate.txt"))]
+    assert all(set(e) == LAVIS_METRIC_KEYS for e in evaluations)
+    keys = set(torch.load(os.path.join(job_dir, "checkpoint_best.pth"), map_location="cpu", weights_only=True)["model"])
+    assert "clip.visual.conv1.weight" in keys and "temp" in keys
+    assert not any("teacher" in k or "itm_head" in k or k.startswith(("visual_encoder.", "text_encoder.")) for k in keys)
+
+
 # ---------------------------------------------------------------- bad input
 @pytest.fixture
 def bad_setup(tmp_path):
@@ -117,7 +138,7 @@ def test_k_too_large(bad_setup):
 
 def test_unknown_teacher(bad_setup):
     tmp_path, root, splits = bad_setup
-    with pytest.raises(ValueError, match=r"teacher.arch='blip_itm' has no teacher adapter; available: \['blip_image_text_matching'\]"):
+    with pytest.raises(ValueError, match=r"teacher.arch='blip_itm' has no teacher adapter; available: \['albef_retrieval', 'blip2_image_text_matching', 'blip_image_text_matching'\]"):
         _train(tmp_path, root, splits, **{"model.distill.teacher.arch": "blip_itm"})
 
 

@@ -26,17 +26,23 @@ def test_registered_names():
 
 
 def test_forward_equals_independent_itc_plus_cprd(model, batch):
+    assert_forward_is_itc_plus_cprd(model, batch, K=3)
+
+
+def assert_forward_is_itc_plus_cprd(model, batch, K):
+    """Any student family: loss = ITC on its own features + CPRD on K hard negatives mined
+    here by loops and scored pair by pair by its teacher (valid threshold 0.5)."""
     out = model(batch)
-    ids, tau, K = batch["image_id"], model.temp, 3
+    ids, tau = batch["image_id"], model.temp
     with torch.no_grad():
         v = model.encode_image(batch["image"])
         t = model.encode_text(model.tokenize(batch["text_input"], "cpu"))
         sim = v @ t.t()
         teacher = model.teacher
 
-        def direction(sims, cand_ok, pair):
+        def direction(queries, sims, cand_ok, pair):
             xs, ts = [], []
-            for q in range(sims.shape[0]):
+            for q in queries:  # batch index of the query
                 cands = [c for c in range(sims.shape[1]) if ids[c] != ids[q] and cand_ok[c]]
                 negs = sorted(cands, key=lambda c: -float(sims[q, c]))[:K]
                 xs.append(torch.stack([sims[q, c] / tau for c in negs]))
@@ -46,8 +52,8 @@ def test_forward_equals_independent_itc_plus_cprd(model, batch):
 
         first = [int((ids[: i + 1] == ids[i]).sum()) == 1 for i in range(len(ids))]
         image_queries = [i for i in range(len(ids)) if first[i]]
-        l_i2t = direction(sim[image_queries], [True] * len(ids), lambda q, c: (image_queries[q], c))
-        l_t2i = direction(sim.t(), first, lambda q, c: (c, q))
+        l_i2t = direction(image_queries, sim, [True] * len(ids), lambda q, c: (q, c))
+        l_t2i = direction(range(len(ids)), sim.t(), first, lambda q, c: (c, q))
         cprd = 0.5 * (l_i2t + l_t2i)
 
         pos = (ids[:, None] == ids[None, :]).float()

@@ -5,6 +5,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -74,8 +75,14 @@ class CprdDualEncoder(BlipBase):
         self.text_encoder = text_encoder
         self.vision_proj = nn.Linear(image_encoder.vision_width, embed_dim)
         self.text_proj = nn.Linear(text_encoder.config.hidden_size, embed_dim)
-        self.temp = nn.Parameter(temp * torch.ones([]))
         self.max_txt_len = max_txt_len
+        self._init_training(embed_dim, temp, distill, tokenizer_path)
+
+    def _init_training(self, embed_dim: int, temp: float, distill: Optional[DistillConfig], tokenizer_path) -> None:
+        """What every student family shares: learnable temperature, distillation config, the
+        lazily built teacher, ConaCLIP's maps into the teacher's space."""
+        self.embed_dim = int(embed_dim)
+        self.temp = nn.Parameter(temp * torch.ones([]))
         self.distill = distill or DistillConfig()
         self.tokenizer_path = tokenizer_path
         self._teacher: Optional[FrozenTeacher] = None
@@ -140,7 +147,7 @@ class CprdDualEncoder(BlipBase):
             self.temp.clamp_(0.001, 0.5)
 
         image_feat = self.encode_image(image)
-        text_feat = self.encode_text(self.tokenize(captions, image.device))
+        text_feat = self.encode_captions(captions, image.device)
 
         # Candidates come from the batch gathered over all ranks; queries stay local.
         image_feat_all = dist.gather_with_grad(image_feat)
@@ -280,6 +287,10 @@ class CprdDualEncoder(BlipBase):
         """
         return dual_encoder_sim_matrix(self, data_loader, int((task_cfg or {}).get("text_batch_size", 256)))
 
+    def encode_captions(self, captions, device) -> torch.Tensor:
+        """Unit text embeddings of raw captions (this family's own tokenizer)."""
+        return self.encode_text(self.tokenize(captions, device))
+
     # ------------------------------------------------------------------- config
     @classmethod
     def from_config(cls, cfg) -> "CprdDualEncoder":
@@ -308,31 +319,40 @@ class CprdDualEncoder(BlipBase):
 
 @torch.no_grad()
 def dual_encoder_sim_matrix(model, data_loader, text_batch_size: int = 256) -> Tuple[np.ndarray, np.ndarray]:
-    """ITC retrieval scores of any BLIP-shaped model (``visual_encoder`` + ``vision_proj``,
-    ``text_encoder.forward_text`` + ``text_proj``, ``tokenizer``): a student, or a
-    cross-encoder's own dual part. Image rows are placed by the dataset's ``index``, so any
-    sampler order works. Returns ``(i2t [n_img, n_txt], t2i [n_txt, n_img])`` as numpy."""
+    """ITC retrieval scores of a dual encoder: a student (``encode_captions`` and
+    ``encode_image``), or any BLIP-shaped model (``visual_encoder`` + ``vision_proj``,
+    ``text_encoder.forward_text`` + ``text_proj``, ``tokenizer``), e.g. a cross-encoder's own
+    dual part. Image rows are placed by the dataset's ``index``, so any sampler order works.
+    Returns ``(i2t [n_img, n_txt], t2i [n_txt, n_img])`` as numpy."""
     t0 = time.time()
     device = model.device
+    if hasattr(model, "encode_captions"):
+        encode_texts, encode_images = model.encode_captions, model.encode_image
+    else:
+        encode_texts, encode_images = partial(_blip_text_features, model), partial(_blip_image_features, model)
     texts = data_loader.dataset.text
-    text_feats = []
-    for i in range(0, len(texts), text_batch_size):
-        tokens = model.tokenizer(
-            list(texts[i : i + text_batch_size]), padding="longest", truncation=True,
-            max_length=model.max_txt_len, return_tensors="pt",
-        ).to(device)
-        hidden = model.text_encoder.forward_text(tokens).last_hidden_state
-        text_feats.append(F.normalize(model.text_proj(hidden[:, 0, :]), dim=-1))
-    text_feats = torch.cat(text_feats)
+    text_feats = torch.cat(
+        [encode_texts(list(texts[i : i + text_batch_size]), device) for i in range(0, len(texts), text_batch_size)]
+    )
     image_feats = torch.zeros(len(data_loader.dataset), text_feats.shape[1], device=device)
     seen = torch.zeros(len(data_loader.dataset), dtype=torch.bool)
     for samples in data_loader:
         index = torch.as_tensor(samples["index"]).long()
-        embeds = model.visual_encoder.forward_features(samples["image"].to(device))
-        image_feats[index.to(device)] = F.normalize(model.vision_proj(embeds[:, 0, :]), dim=-1)
+        image_feats[index.to(device)] = encode_images(samples["image"].to(device)).to(image_feats.dtype)
         seen[index] = True
     if not bool(seen.all()):
         raise RuntimeError(f"compute_sim_matrix saw {int(seen.sum())} of {len(seen)} images: the loader must cover the split")
-    sims = (image_feats @ text_feats.t()).float().cpu()
+    sims = (image_feats @ text_feats.t().to(image_feats.dtype)).float().cpu()
     logging.info("Encoded %d images and %d texts in %.1fs", len(seen), len(texts), time.time() - t0)
     return sims.numpy(), sims.t().contiguous().numpy()
+
+
+def _blip_text_features(model, captions, device) -> torch.Tensor:
+    tokens = model.tokenizer(
+        captions, padding="longest", truncation=True, max_length=model.max_txt_len, return_tensors="pt"
+    ).to(device)
+    return F.normalize(model.text_proj(model.text_encoder.forward_text(tokens).last_hidden_state[:, 0, :]), dim=-1)
+
+
+def _blip_image_features(model, image) -> torch.Tensor:
+    return F.normalize(model.vision_proj(model.visual_encoder.forward_features(image)[:, 0, :]), dim=-1)

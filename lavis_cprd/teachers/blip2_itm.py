@@ -104,7 +104,7 @@ class Blip2ITMTeacher(CrossEncoderTeacher):
         cfg = dict(cfg)
         cfg.setdefault("model_type", "pretrain")
         mcfg = blip_model_config(Blip2ITM, cls.arch, cfg)
-        model_cls = _blip2_class(mcfg, tokenizer_path or mcfg.get("tokenizer_path", None))
+        model_cls = _blip2_class(mcfg, mcfg.get("tokenizer_path", None) or tokenizer_path)
         model = model_cls(
             vit_model=mcfg.get("vit_model", "eva_clip_g"),
             img_size=int(mcfg.get("image_size", 224)),

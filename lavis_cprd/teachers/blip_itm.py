@@ -85,7 +85,7 @@ class BlipITMTeacher(CrossEncoderTeacher):
         mcfg = blip_model_config(cls.model_class, cls.arch, cfg)
         image_encoder = build_vision_encoder(mcfg)
         text_encoder = build_text_encoder(mcfg, cross_attention=True, encoder_width=image_encoder.vision_width)
-        model = cls._build(mcfg, image_encoder, text_encoder, tokenizer_path or mcfg.get("tokenizer_path", None))
+        model = cls._build(mcfg, image_encoder, text_encoder, mcfg.get("tokenizer_path", None) or tokenizer_path)
         load_teacher_weights(model, mcfg)
         return cls(model, precision=cfg.get("precision", "fp32"), batch_size=cfg.get("batch_size", 128))
 

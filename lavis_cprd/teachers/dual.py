@@ -58,7 +58,7 @@ class BlipFeatureTeacher(_BlipShapedTeacher):
         image_encoder = build_vision_encoder(mcfg)
         # The multimodal (cross-attention) layers are never used by a dual-encoder teacher.
         text_encoder = build_text_encoder(mcfg, cross_attention=False, encoder_width=image_encoder.vision_width)
-        model_cls = with_local_tokenizer(BlipFeatureExtractor, tokenizer_path or mcfg.get("tokenizer_path", None))
+        model_cls = with_local_tokenizer(BlipFeatureExtractor, mcfg.get("tokenizer_path", None) or tokenizer_path)
         model = model_cls(
             image_encoder=image_encoder,
             text_encoder=text_encoder,
@@ -111,44 +111,18 @@ class ClipFeatureTeacher(DualEncoderTeacher):
     ``pretrained`` is a path). ``precision``, ``batch_size``.
     """
 
-    @staticmethod
-    def _explicit(cfg) -> Optional[dict]:
-        explicit = cfg.get("model", None)
-        if explicit is None:
-            return None
-        explicit = OmegaConf.to_container(explicit, resolve=True) if OmegaConf.is_config(explicit) else dict(explicit)
-        missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in explicit]
-        if missing:
-            raise ValueError(f"model.distill.teacher.model for clip_feature_extractor needs {missing}")
-        return explicit
-
     @classmethod
     def embed_dim_of(cls, cfg) -> int:
-        explicit = cls._explicit(cfg)
-        if explicit is not None:
-            return int(explicit["embed_dim"])
-        from lavis.models.clip_models.model import _MODEL_CONFIGS
+        from lavis_cprd.models.clip_student import clip_embed_dim
 
-        model_type = cfg.get("model_type", "ViT-B-32").replace("/", "-")
-        if model_type not in _MODEL_CONFIGS:
-            raise ValueError(
-                f"teacher model_type={model_type!r} is not one of {sorted(_MODEL_CONFIGS)} for clip_feature_extractor"
-            )
-        return int(_MODEL_CONFIGS[model_type]["embed_dim"])
+        return clip_embed_dim(cfg, "model.distill.teacher")
 
     @classmethod
     def from_config(cls, cfg, tokenizer_path: Optional[str] = None) -> "ClipFeatureTeacher":
-        from lavis.models.clip_models.model import CLIP, create_model
+        from lavis_cprd.models.clip_student import build_lavis_clip
 
-        explicit = cls._explicit(cfg)
-        if explicit is None:
-            cls.embed_dim_of(cfg)  # validates model_type
-            model = create_model(cfg.get("model_type", "ViT-B-32"), pretrained=cfg.get("pretrained", "openai") or "")
-        else:
-            model = CLIP(**explicit)
-            if cfg.get("pretrained"):
-                model.load_state_dict(torch.load(cfg.pretrained, map_location="cpu", weights_only=True))
-        return cls(model.float(), precision=cfg.get("precision", "fp32"), batch_size=cfg.get("batch_size", 128))
+        model = build_lavis_clip(cfg, "model.distill.teacher")
+        return cls(model, precision=cfg.get("precision", "fp32"), batch_size=cfg.get("batch_size", 128))
 
     def _encode_images(self, images: torch.Tensor) -> torch.Tensor:
         size = self.model.visual.image_size
