@@ -41,7 +41,11 @@ def test_forward_equals_itc_plus_cprd_with_a_blip_teacher(clip_student, batch):
 def test_teacher_gets_raw_captions_and_its_own_tokenizer(clip_student, batch, monkeypatch):
     seen = []
     original = clip_student.teacher.logit
-    monkeypatch.setattr(clip_student.teacher, "logit", lambda images, captions, pairs: seen.append(list(captions)) or original(images, captions, pairs))
+    def spy(images, captions, pairs):
+        seen.append(list(captions))
+        return original(images, captions, pairs)
+
+    monkeypatch.setattr(clip_student.teacher, "logit", spy)
     clip_student(batch)
     assert seen == [batch["text_input"]]
     assert clip_student.teacher.model.tokenizer.vocab_size == 30522  # BERT's WordPiece, not CLIP's BPE

@@ -17,7 +17,7 @@ def cprd_reference(x, t, valid=None, keep=None):
         terms = []
         for j, k in enumerate(order):
             if (valid is None or valid[q, k]) and j < len(order) - 1:
-                denom = sum(torch.exp(x[q, order[l]]) for l in range(j, len(order)))
+                denom = sum(torch.exp(x[q, order[i]]) for i in range(j, len(order)))
                 terms.append(-torch.log(torch.exp(x[q, k]) / denom))
         if terms:
             per_query.append(sum(terms) / len(terms))

@@ -48,7 +48,8 @@ def test_blip_itm_adapter_loads_a_trained_teacher_checkpoint(tmp_path):
     images = torch.randn(3, 3, 48, 48)
     captions = ["a red circle left of a blue square", "a small green triangle", "a white square"]
     pairs = torch.cartesian_prod(torch.arange(3), torch.arange(3))
-    expected = BlipITM.forward(trained, {"image": images[pairs[:, 0]], "text_input": [captions[j] for j in pairs[:, 1]]}, match_head="itm")
+    samples = {"image": images[pairs[:, 0]], "text_input": [captions[j] for j in pairs[:, 1]]}
+    expected = BlipITM.forward(trained, samples, match_head="itm")
     torch.testing.assert_close(teacher.score(images, captions, pairs), expected.softmax(-1)[:, 1], rtol=1e-5, atol=1e-6)
 
 
