@@ -1,4 +1,4 @@
-"""``lavis-cprd`` command: ``lavis-cprd train|evaluate|demo|compare ...``."""
+"""``lavis-cprd`` command: ``lavis-cprd train|evaluate|demo|compare|cache-teacher ...``."""
 from __future__ import annotations
 
 import sys
@@ -9,6 +9,7 @@ COMMANDS = {
     "evaluate": "lavis_cprd.evaluate",
     "demo": "lavis_cprd.demo",
     "compare": "lavis_cprd.compare",
+    "cache-teacher": "lavis_cprd.cache_teacher",
 }
 
 

@@ -110,6 +110,9 @@ class DistillConfig:
     # ConaCLIP's graph: one entry per weighted edge loss (see ConaclipTerm).
     conaclip: List[Any] = field(default_factory=lambda: [dict(t) for t in DEFAULT_CONACLIP_TERMS])
     teacher: Dict[str, Any] = field(default_factory=dict)
+    # A folder written by `lavis-cprd cache-teacher`: cached teacher logits are used for the
+    # pairs it holds, the teacher scores only the rest (cross-encoder losses).
+    teacher_cache: Optional[str] = None
 
     @classmethod
     def from_cfg(cls, cfg) -> "DistillConfig":
@@ -148,6 +151,11 @@ class DistillConfig:
             t if isinstance(t, ConaclipTerm) else ConaclipTerm.parse(dict(t), f"model.distill.conaclip[{i}]")
             for i, t in enumerate(self.conaclip)
         ]
+        if self.teacher_cache and self.teacher_kind != "cross":
+            raise ValueError(
+                f"model.distill.teacher_cache holds cross-encoder scores; loss={self.loss!r} uses a dual-encoder "
+                "teacher's embeddings: set teacher_cache: null"
+            )
         if self.loss != "none":
             from lavis_cprd.teachers import teacher_class
 

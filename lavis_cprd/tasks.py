@@ -12,7 +12,7 @@ from lavis.common.utils import get_cache_path, is_url
 from lavis.tasks.retrieval import RetrievalTask
 
 # Loss terms the model returns next to ``loss``; their epoch means go to log.txt.
-_LOGGED_TERMS = ("loss_itc", "loss_distill", "valid_negatives")
+_LOGGED_TERMS = ("loss_itc", "loss_distill", "valid_negatives", "teacher_cache_hit_rate")
 
 
 @registry.register_task("cprd_retrieval")

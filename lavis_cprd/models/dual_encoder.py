@@ -30,6 +30,7 @@ from lavis_cprd.losses import (
 )
 from lavis_cprd.mining import all_negatives, first_occurrence_mask, mine_hard_negatives
 from lavis_cprd.models.encoders import build_text_encoder, build_vision_encoder
+from lavis_cprd.teacher_cache import TeacherScoreCache
 from lavis_cprd.teachers import FrozenTeacher, build_teacher, teacher_class
 from lavis_cprd.tokenization import load_blip_tokenizer
 
@@ -43,6 +44,8 @@ class CprdOutput(ModelOutput):
     loss_distill: Optional[torch.Tensor] = None
     # Mean number of valid (teacher-hard) negatives per query, over both directions.
     valid_negatives: Optional[torch.Tensor] = None
+    # Share of this step's teacher pairs found in distill.teacher_cache.
+    teacher_cache_hit_rate: Optional[torch.Tensor] = None
 
 
 @registry.register_model("cprd_dual_encoder")
@@ -86,6 +89,8 @@ class CprdDualEncoder(BlipBase):
         self.distill = distill or DistillConfig()
         self.tokenizer_path = tokenizer_path
         self._teacher: Optional[FrozenTeacher] = None
+        self._teacher_cache: Optional[TeacherScoreCache] = None
+        self._cache_hit_rate: Optional[torch.Tensor] = None
         self.epoch = 0  # set by the task each training epoch (distill.start_epoch)
         if self.distill.loss == "conaclip":
             # ConaCLIP's teacher-student edges compare embeddings across the two models: the
@@ -131,6 +136,13 @@ class CprdDualEncoder(BlipBase):
     def teacher(self, teacher: FrozenTeacher) -> None:
         self._teacher = teacher
 
+    @property
+    def teacher_cache(self) -> Optional[TeacherScoreCache]:
+        """``distill.teacher_cache``, loaded on first use (None when not configured)."""
+        if self._teacher_cache is None and self.distill.teacher_cache:
+            self._teacher_cache = TeacherScoreCache.load(self.distill.teacher_cache)
+        return self._teacher_cache
+
     # ------------------------------------------------------------------ training
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -170,6 +182,7 @@ class CprdDualEncoder(BlipBase):
             loss_itc=loss_itc,
             loss_distill=loss_distill,
             valid_negatives=valid,
+            teacher_cache_hit_rate=self._cache_hit_rate,
         )
 
     def _conaclip(self, image, captions, image_ids, image_feat, text_feat) -> torch.Tensor:
@@ -217,6 +230,7 @@ class CprdDualEncoder(BlipBase):
         z_i2t, z_t2i, z_pos_i, z_pos_t = self._teacher_logits(
             dist.gather_no_grad(image),
             dist.gather_strings(captions),
+            image_ids_all,
             [
                 (q_i.view(-1, 1).expand_as(neg_texts), neg_texts, mask_texts),  # image query, negative text
                 (neg_images, q_t.view(-1, 1).expand_as(neg_images), mask_images),  # negative image, text query
@@ -235,9 +249,10 @@ class CprdDualEncoder(BlipBase):
         used = torch.cat([used_i2t.float().sum(1), used_t2i.float().sum(1)]).mean()
         return 0.5 * (loss_i2t + loss_t2i), used.detach()
 
-    def _teacher_logits(self, images_all, captions_all, blocks) -> List[torch.Tensor]:
+    def _teacher_logits(self, images_all, captions_all, image_ids_all, blocks) -> List[torch.Tensor]:
         """Teacher logits ``log p1 - log p0`` for blocks of ``(image idx, caption idx, mask)``
-        index tensors of one shape each: one teacher call over the masked-in pairs, 0 elsewhere."""
+        index tensors of one shape each: one teacher call over the masked-in pairs, 0 elsewhere.
+        Pairs found in ``distill.teacher_cache`` are read from it; the teacher scores the rest."""
         flat = []
         for i, t, m in blocks:
             m = torch.ones_like(i, dtype=torch.bool) if m is None else m
@@ -245,9 +260,20 @@ class CprdDualEncoder(BlipBase):
         pairs = torch.cat([torch.stack([i[m], t[m]], 1) for i, t, m, _ in flat])
         # The two directions share many pairs (all of them when every negative is used).
         unique_pairs, inverse = torch.unique(pairs, dim=0, return_inverse=True)
-        logits = self.teacher.logit(images_all, captions_all, unique_pairs)[inverse]
+        logits = self._score_pairs(images_all, captions_all, image_ids_all, unique_pairs)[inverse]
         chunks = logits.split([int(m.sum()) for _, _, m, _ in flat])
         return [logits.new_zeros(m.shape).masked_scatter(m, c).view(shape) for (_, _, m, shape), c in zip(flat, chunks)]
+
+    def _score_pairs(self, images_all, captions_all, image_ids_all, pairs) -> torch.Tensor:
+        cache = self.teacher_cache
+        if cache is None:
+            return self.teacher.logit(images_all, captions_all, pairs)
+        logits, hit = cache.lookup(image_ids_all[pairs[:, 0]], [captions_all[j] for j in pairs[:, 1].tolist()])
+        logits, hit = logits.to(images_all.device), hit.to(images_all.device)
+        if not bool(hit.all()):  # the teacher is built only when some pair is missing
+            logits[~hit] = self.teacher.logit(images_all, captions_all, pairs[~hit])
+        self._cache_hit_rate = hit.float().mean().detach()
+        return logits
 
     def _distill_direction(self, x_pos, x_neg, z_pos, z_neg, mask) -> Tuple[torch.Tensor, torch.Tensor]:
         """One direction's loss, reduced over all ranks' contributing queries, and the mask of

@@ -99,16 +99,23 @@ class DualEncoderTeacher(FrozenTeacher):
         """Text embeddings ``[N, D]`` (any norm) of a chunk of captions."""
 
     @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Unit image embeddings ``[N, D]`` in float32, eval mode, no grad."""
+        with self._prepare(images.device):
+            feat = torch.cat([self._encode_images(images[s]) for s in chunks(len(images), self.batch_size)])
+        return F.normalize(feat.float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_texts(self, captions: Sequence[str], device: torch.device) -> torch.Tensor:
+        """Unit caption embeddings ``[M, D]`` in float32, eval mode, no grad."""
+        captions = list(captions)
+        with self._prepare(device):
+            feat = torch.cat([self._encode_texts(captions[s], device) for s in chunks(len(captions), self.batch_size)])
+        return F.normalize(feat.float(), dim=-1)
+
     def encode(self, images: torch.Tensor, captions: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Unit embeddings ``(images [N, D], captions [M, D])`` in float32, eval mode, no grad."""
-        autocast = self._prepare(images.device)
-        captions = list(captions)
-        with autocast:
-            image_feat = torch.cat([self._encode_images(images[s]) for s in chunks(len(images), self.batch_size)])
-            text_feat = torch.cat(
-                [self._encode_texts(captions[s], images.device) for s in chunks(len(captions), self.batch_size)]
-            )
-        return F.normalize(image_feat.float(), dim=-1), F.normalize(text_feat.float(), dim=-1)
+        return self.encode_images(images), self.encode_texts(captions, images.device)
 
 
 def match_resolution(pixels: torch.Tensor, size: int) -> torch.Tensor:
