@@ -36,6 +36,9 @@ def test_config_loads_and_is_consistent(path):
     teacher_class(distill.teacher["arch"])
     # Splits the runner evaluates must be ones the retrieval task can report on.
     assert list(cfg.run_cfg.valid_splits) == ["val"] and list(cfg.run_cfg.test_splits) == ["test"]
+    if cfg.model_cfg.get("model_type") == "tiny":  # offline configs build as they are (sizes valid)
+        model = registry.get_model_class(cfg.model_cfg.arch).from_config(cfg.model_cfg)
+        assert model.embed_dim == cfg.model_cfg.get("embed_dim", cfg.model_cfg.get("clip", {}).get("model", {}).get("embed_dim"))
 
 
 @pytest.mark.parametrize("name", ["flickr30k", "coco"])
