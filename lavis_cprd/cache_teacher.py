@@ -34,7 +34,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", default=None, help="dataset name when the config has several.")
     parser.add_argument("--encoder-ckpt", default=None, help="student checkpoint to mine candidates with.")
     parser.add_argument("--encoder-arch", default=None, help="a dual-encoder adapter to mine with instead of the student.")
-    parser.add_argument("--encoder-options", nargs="+", default=[], help="its config, key=value (checkpoint=..., model_type=...).")
+    parser.add_argument(
+        "--encoder-options", nargs="+", default=[], help="its config, key=value (checkpoint=..., model_type=...)."
+    )
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available).")
     return parser
 
