@@ -126,9 +126,14 @@ class CprdDualEncoder(BlipBase):
         use (evaluation never builds it)."""
         if self._teacher is None:
             t0 = time.time()
-            self._teacher = build_teacher(
-                self.distill.teacher, tokenizer_path=self.tokenizer_path, kind=self.distill.teacher_kind
-            )
+            # Built from its own seed, on a forked RNG: a randomly initialised teacher is the
+            # same in every process and after a resume, and building it (lazily, mid-training)
+            # never shifts the training RNG streams.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(self.distill.teacher.get("seed", 0)))
+                self._teacher = build_teacher(
+                    self.distill.teacher, tokenizer_path=self.tokenizer_path, kind=self.distill.teacher_kind
+                )
             logging.info("Built teacher %s in %.1fs", self.distill.teacher.get("arch"), time.time() - t0)
         return self._teacher
 
