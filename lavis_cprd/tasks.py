@@ -13,6 +13,8 @@ from lavis.common.registry import registry
 from lavis.common.utils import get_cache_path, is_url
 from lavis.tasks.retrieval import RetrievalTask
 
+from lavis_cprd.datasets.checks import check_split, unknown_only_checker
+
 # Loss terms the model returns next to ``loss``; their epoch means go to log.txt.
 _LOGGED_TERMS = ("loss_itc", "loss_distill", "valid_negatives", "teacher_cache_hit_rate")
 
@@ -22,6 +24,10 @@ class CprdRetrievalTask(RetrievalTask):
     """Training: ``model(samples).loss`` (ITC + distillation). Evaluation: LAVIS's
     ``RetrievalTask.evaluation`` (``model.compute_sim_matrix`` + ``_report_metrics``), so the
     metric keys are LAVIS's: ``txt_r1 ... img_r10, r_mean, agg_metrics``."""
+
+    skip_nonfinite_loss = False
+    skipped_steps = 0
+    _skip_update = False
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -34,13 +40,22 @@ class CprdRetrievalTask(RetrievalTask):
 
     # ----------------------------------------------------------------- building
     def build_datasets(self, cfg):
+        """LAVIS's builders, with every split checked for bad data (see ``datasets.checks``):
+        ``datasets.NAME.skip_bad: true`` leaves bad entries out with a warning instead of
+        failing; ``check_images: false`` skips opening every image (huge, trusted sets)."""
         for name, dcfg in cfg.datasets_cfg.items():
             check_annotation_files(name, dcfg)
         datasets = super().build_datasets(cfg)
+        only_unknown = unknown_only_checker(_caption_tokenizer(cfg.model_cfg))
         for name, splits in datasets.items():
-            if cfg.datasets_cfg[name].get("check_images", True):
-                for split, dataset in splits.items():
-                    check_image_files(name, split, dataset)
+            dcfg = cfg.datasets_cfg[name]
+            if not dcfg.get("check_images", True):
+                continue
+            work_dir = os.path.join(registry.get_path("cache_root"), "lavis_cprd_filtered")
+            for split in list(splits):
+                splits[split] = check_split(
+                    name, split, splits[split], bool(dcfg.get("skip_bad", False)), only_unknown, work_dir
+                )
         return datasets
 
     def build_model(self, cfg):
@@ -166,16 +181,9 @@ def check_annotation_files(name: str, dcfg) -> None:
             )
 
 
-def check_image_files(name: str, split: str, dataset, show: int = 3) -> None:
-    """Every image an annotation names must exist under the split's image root."""
-    annotation = getattr(dataset, "annotation", None)
-    vis_root = getattr(dataset, "vis_root", None)
-    if annotation is None or vis_root is None:
-        return
-    images = sorted({ann["image"] for ann in annotation if "image" in ann})
-    missing = [p for p in images if not os.path.isfile(os.path.join(vis_root, p))]
-    if missing:
-        raise FileNotFoundError(
-            f"datasets.{name} split {split!r}: {len(missing)} of {len(images)} image files do not exist "
-            f"under {vis_root!r}, e.g. {missing[:show]} (set datasets.{name}.build_info.images.storage)"
-        )
+def _caption_tokenizer(model_cfg):
+    """The student's tokenizer, for the unknown-token check (None: none applies, e.g. CLIP's
+    byte-level BPE has no unknown token)."""
+    model_cls = registry.get_model_class(model_cfg.get("arch", ""))
+    make = getattr(model_cls, "caption_tokenizer", None)
+    return make(model_cfg) if make is not None else None

@@ -78,3 +78,82 @@ def test_nonfinite_step_is_skipped_without_touching_the_weights(model):
     fresh = CprdDualEncoder.from_config(tiny_model_cfg(num_hard_negatives=3)).eval()
     _, _, (ref,) = run_epoch(fresh, skip=True, nan_steps=[], items=samples()[8:])
     assert all(torch.allclose(ref[n], second[n], atol=1e-6) for n in before)
+
+
+# ---------------------------------------------------------------- bad data
+def build_splits(tmp_path, edit, **overrides):
+    """The generated dataset, ``edit(root, annotations)`` applied, then built by the task."""
+    import json as _json
+
+    import lavis.tasks as tasks
+
+    from conftest import experiment_yaml, write_retrieval_dataset
+    from lavis_cprd.launch import load_config
+
+    root = str(tmp_path / "data")
+    splits = write_retrieval_dataset(root, n_train=12, n_val=4, n_test=4)
+    anns = {s: _json.load(open(p)) for s, p in splits.items()}
+    edit(root, anns)
+    for s, p in splits.items():
+        _json.dump(anns[s], open(p, "w"))
+    cfg_path = experiment_yaml(tmp_path / "x.yaml", root, splits, tmp_path / "o", **overrides)
+    cfg = load_config(type("Args", (), {"cfg_path": cfg_path, "options": []})())
+    return tasks.setup_task(cfg).build_datasets(cfg)["flickr30k"]
+
+
+def unreadable(root, anns):
+    open(f"{root}/{anns['train'][6]['image']}", "wb").write(b"this is not a png")  # items 6, 7 share it
+
+
+def empty_caption(root, anns):
+    anns["train"][2]["caption"] = " ... "  # BLIP's caption processor strips it to nothing
+    anns["val"][1]["caption"][0] = ""
+
+
+def unknown_tokens(root, anns):
+    anns["train"][4]["caption"] = "ⵣⵣⵣ ꙮꙮ"
+
+
+def duplicated_id(root, anns):
+    anns["train"][9]["image_id"] = anns["train"][0]["image_id"]  # two different images, one id
+
+
+def duplicated_val_image(root, anns):
+    anns["val"][3]["image"] = anns["val"][0]["image"]
+
+
+CASES = {
+    "unreadable": (unreadable, r"split 'train': 2 bad entries: 2 unreadable image; e.g. entry 6: unreadable image "
+                   r".*train_3.png"),
+    "empty caption": (empty_caption, r"split 'train': 1 bad entries: 1 empty caption; e.g. entry 2: empty caption ' ... '"),
+    "unknown tokens": (unknown_tokens, r"split 'train': 1 bad entries: 1 caption of only unknown tokens; e.g. entry 4"),
+    "duplicated id": (duplicated_id, r"split 'train': 3 bad entries: 3 duplicated image id; e.g. entry 0: "
+                      r"duplicated image id 0 names"),
+    "duplicated val image": (duplicated_val_image, r"split 'val': 1 bad entries: 1 image listed twice; e.g. entry 3: "
+                             r"image listed twice .* \(also entry 0\)"),
+}
+# items removed from (train, val) with skip_bad, and captions removed from val
+SKIPPED = {"unreadable": (2, 0, 0), "empty caption": (1, 0, 1), "unknown tokens": (1, 0, 0),
+           "duplicated id": (3, 0, 0), "duplicated val image": (0, 1, 0)}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_data_is_a_clear_error(case, tmp_path):
+    edit, message = CASES[case]
+    with pytest.raises(ValueError, match=message + r".*set datasets.flickr30k.skip_bad: true"):
+        build_splits(tmp_path, edit)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_data_is_skipped_and_counted(case, tmp_path, caplog):
+    edit, _ = CASES[case]
+    clean = build_splits(tmp_path / "clean", lambda root, anns: None)
+    with caplog.at_level("WARNING"):
+        splits = build_splits(tmp_path / "bad", edit, **{"datasets.flickr30k.skip_bad": True})
+    items, val_items, val_captions = SKIPPED[case]
+    assert len(splits["train"]) == len(clean["train"]) - items
+    assert len(splits["val"]) == len(clean["val"]) - val_items
+    assert len(splits["val"].text) == len(clean["val"].text) - val_captions - 2 * val_items
+    assert "skipping" in caplog.text and "(skip_bad: true)" in caplog.text
+    sample = splits["train"][len(splits["train"]) - 1]  # the rebuilt split loads like LAVIS's own
+    assert sample["image"].shape == (3, 48, 48) and sample["text_input"]

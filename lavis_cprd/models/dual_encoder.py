@@ -324,6 +324,11 @@ class CprdDualEncoder(BlipBase):
 
     # ------------------------------------------------------------------- config
     @classmethod
+    def caption_tokenizer(cls, cfg):
+        """The tokenizer ``from_config`` would give this model (data checks use it)."""
+        return load_blip_tokenizer(cfg.get("tokenizer_path", None))
+
+    @classmethod
     def from_config(cls, cfg) -> "CprdDualEncoder":
         tokenizer_path = cfg.get("tokenizer_path", None)
         distill = DistillConfig.from_cfg(cfg.get("distill", None))
