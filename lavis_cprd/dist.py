@@ -26,6 +26,18 @@ def gather_strings(items: Sequence[str]) -> List[str]:
     return [s for part in out for s in part]
 
 
+def gather_objects(part: dict) -> dict:
+    """Every rank's ``part`` dict merged (for small CPU results: evaluation features)."""
+    if not is_dist_avail_and_initialized():
+        return dict(part)
+    out: List[dict] = [None] * get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(out, part)
+    merged: dict = {}
+    for p in out:
+        merged.update(p)
+    return merged
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if is_dist_avail_and_initialized():
         x = x.clone()
@@ -38,4 +50,7 @@ def rank_offset(local_size: int) -> int:
     return get_rank() * local_size
 
 
-__all__ = ["gather_with_grad", "gather_no_grad", "gather_strings", "all_reduce_sum", "rank_offset", "get_world_size"]
+__all__ = [
+    "gather_with_grad", "gather_no_grad", "gather_strings", "gather_objects", "all_reduce_sum", "rank_offset",
+    "get_rank", "get_world_size",
+]

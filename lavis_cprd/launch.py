@@ -19,15 +19,24 @@ from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
 from lavis.common.utils import now
 
+from lavis_cprd.checkpoints import find_resume_checkpoint
+
 DEFAULT_RUNNER = "cprd_runner"
 
 
-def make_parser(description: str) -> argparse.ArgumentParser:
+def make_parser(description: str, resume: bool = False) -> argparse.ArgumentParser:
     """LAVIS's train.py/evaluate.py arguments: ``--cfg-path`` and ``--options``."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--cfg-path", required=True, help="path to the experiment YAML.")
     parser.add_argument(
         "--options", nargs="+", default=[], help="override config entries, as key=value (e.g. run.max_epoch=2)."
+    )
+    if not resume:
+        return parser
+    parser.add_argument(
+        "--resume", default=None,
+        help="a checkpoint to resume from, or 'auto': the newest readable checkpoint_latest/previous under "
+        "run.output_dir (the run continues in that job folder); nothing found = start fresh.",
     )
     return parser
 
@@ -79,12 +88,30 @@ def setup_seeds(cfg: Config) -> None:
     cudnn.deterministic = True
 
 
+def resolve_resume(resume: str, run_cfg, job_id: str) -> str:
+    """``--resume PATH|auto`` into ``run.resume_ckpt_path``; returns the job id to run under
+    (``auto`` continues in the checkpoint's own job folder, so its best checkpoint and logs
+    stay in one place)."""
+    if resume != "auto":
+        run_cfg.resume_ckpt_path = resume
+        return job_id
+    path = find_resume_checkpoint(run_cfg.output_dir)
+    if path is None:
+        print(f"--resume auto: no readable checkpoint under {run_cfg.output_dir}; starting from scratch")
+        return job_id
+    print(f"--resume auto: resuming from {path}")
+    run_cfg.resume_ckpt_path = path
+    return os.path.basename(os.path.dirname(path))
+
+
 def build_runner(args: argparse.Namespace, evaluate_only: bool = False):
     """Everything up to a ready runner, as LAVIS's train.py does it."""
     job_id = now()  # before distributed init, so every rank gets the same id
     cfg = load_config(args)
     if evaluate_only:
         cfg.run_cfg.evaluate = True
+    elif getattr(args, "resume", None):
+        job_id = resolve_resume(args.resume, cfg.run_cfg, job_id)
     init_distributed(cfg.run_cfg)
     setup_seeds(cfg)
     setup_logger()

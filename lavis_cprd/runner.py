@@ -1,19 +1,29 @@
-"""``cprd_runner``: LAVIS's ``RunnerBase`` made safe off CUDA.
+"""``cprd_runner``: LAVIS's ``RunnerBase`` made safe off CUDA, with checkpoints that survive
+interruption.
 
 LAVIS 1.0.2's runner assumes a GPU: ``PrefetchLoader`` creates a CUDA stream, the ``model``
 property returns ``None`` when the model already sits on the device (always so on CPU),
 ``train()`` calls ``dist.barrier()`` even without a process group, metric sync all-reduces
 on ``cuda``, and DDP is given ``device_ids`` of a GPU. This subclass fixes those and otherwise defers to LAVIS.
+
+Checkpoints: after each epoch's validation, ``checkpoint_latest.pth`` (the one before it is
+kept as ``checkpoint_previous.pth``) holds model, optimizer, scaler, epoch, every RNG state
+and the best validation score so far; ``checkpoint_best.pth`` as in LAVIS. All are written
+atomically and load with ``weights_only=True``. Resuming restores the RNG streams and the
+data order, so on CPU a resumed run ends bit-for-bit where an uninterrupted one does.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import shutil
 from types import SimpleNamespace
 from unittest import mock
 
 import torch
 import torch.distributed as dist
-from lavis.common.dist_utils import get_rank, get_world_size, is_dist_avail_and_initialized
+from lavis.common.dist_utils import get_rank, get_world_size, is_dist_avail_and_initialized, main_process
 from lavis.common.logger import SmoothedValue
 from lavis.common.registry import registry
 from lavis.datasets.datasets import dataloader_utils
@@ -22,6 +32,7 @@ from lavis.runners.runner_base import RunnerBase
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
+from lavis_cprd.checkpoints import BEST, LATEST, PREVIOUS, atomic_save, load_checkpoint, rng_state, set_rng_state
 from lavis_cprd.sampling import GroupedBatchSampler
 
 
@@ -84,6 +95,103 @@ class CprdRunner(RunnerBase):
     def train(self):
         with _barrier_without_process_group(), _metric_sync_on(self.device), self._no_epoch_sleep():
             return super().train()
+
+    # -------------------------------------------------------------- checkpoints
+    _resume_rng = None
+    _best_agg_metric = None  # best val agg_metrics so far, across resumes
+    _best_epoch = None
+    _last_val_agg = None
+
+    def train_epoch(self, epoch):
+        if not self.evaluate_only and epoch > self.start_epoch:
+            self._save_latest(epoch - 1)  # epoch - 1 is complete: trained and validated
+        if self._resume_rng is not None:
+            self._continue_data_order(epoch)
+        return super().train_epoch(epoch)
+
+    def evaluate(self, cur_epoch="best", skip_reload=False):
+        if not self.evaluate_only and self.max_epoch > self.start_epoch:
+            self._save_latest(self.max_epoch - 1)  # training is over; only the test split is left
+        return super().evaluate(cur_epoch=cur_epoch, skip_reload=skip_reload)
+
+    def eval_epoch(self, split_name, cur_epoch, skip_reload=False):
+        log = super().eval_epoch(split_name, cur_epoch, skip_reload=skip_reload)
+        if split_name == "val" and isinstance(log, dict) and "agg_metrics" in log:
+            self._last_val_agg = float(log["agg_metrics"])
+        return log
+
+    def _checkpoint_state(self, cur_epoch: int) -> dict:
+        model = self.unwrap_dist_model(self.model)
+        frozen = {k for k, v in model.named_parameters() if not v.requires_grad}
+        return {
+            # LAVIS's keys and conventions (frozen parameters left out), so LAVIS reads ours
+            "model": {k: v for k, v in model.state_dict().items() if k not in frozen},
+            "optimizer": self.optimizer.state_dict(),
+            "config": self.config.to_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "epoch": cur_epoch,
+            "rng": rng_state(),
+            "best_agg_metric": self._best_agg_metric,
+            "best_epoch": self._best_epoch,
+        }
+
+    @main_process
+    def _save_checkpoint(self, cur_epoch, is_best=False):
+        """LAVIS calls this on a new best val score (its own best counter restarts at 0 after
+        a resume, so the score is compared with the best across resumes first)."""
+        if is_best:
+            agg = self._last_val_agg
+            if agg is not None and self._best_agg_metric is not None and agg <= self._best_agg_metric:
+                logging.info("val agg_metrics %.4f does not beat %.4f (epoch %s); best checkpoint kept",
+                             agg, self._best_agg_metric, self._best_epoch)
+                return
+            self._best_agg_metric, self._best_epoch = agg, cur_epoch
+        path = os.path.join(self.output_dir, BEST if is_best else f"checkpoint_{cur_epoch}.pth")
+        logging.info("Saving checkpoint at epoch %s to %s.", cur_epoch, path)
+        atomic_save(self._checkpoint_state(cur_epoch), path)
+
+    @main_process
+    def _save_latest(self, cur_epoch: int) -> None:
+        latest, previous = os.path.join(self.output_dir, LATEST), os.path.join(self.output_dir, PREVIOUS)
+        state = self._checkpoint_state(cur_epoch)
+        if os.path.exists(latest):
+            os.replace(latest, previous)  # kept until the new one is whole: a torn write falls back to it
+        atomic_save(state, latest)
+        logging.info("Saved resumable checkpoint (epoch %d) to %s", cur_epoch, latest)
+
+    def _load_checkpoint(self, url_or_filename):
+        """Resume: model, optimizer, scaler, epoch; RNG streams and data order (restored at the
+        first resumed epoch); the best val score and its checkpoint."""
+        if not os.path.isfile(url_or_filename):
+            return super()._load_checkpoint(url_or_filename)  # a URL: LAVIS downloads it
+        checkpoint = load_checkpoint(url_or_filename, map_location=self.device)
+        self.unwrap_dist_model(self.model).load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.scaler and checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.start_epoch = int(checkpoint["epoch"]) + 1
+        self._resume_rng = checkpoint.get("rng")
+        self._best_agg_metric, self._best_epoch = checkpoint.get("best_agg_metric"), checkpoint.get("best_epoch")
+        # A resume into a new job folder brings the best checkpoint along: the final test reloads it.
+        source_best = os.path.join(os.path.dirname(os.path.abspath(url_or_filename)), BEST)
+        own_best = os.path.join(self.output_dir, BEST)
+        if get_rank() == 0 and os.path.isfile(source_best) and not os.path.exists(own_best):
+            shutil.copyfile(source_best, own_best)
+        logging.info("Resumed from %s at epoch %d (best val agg_metrics so far: %s)",
+                     url_or_filename, self.start_epoch, self._best_agg_metric)
+
+    def _continue_data_order(self, epoch: int) -> None:
+        """Put the RNGs and the training loader where the interrupted run had them when it
+        started ``epoch``: same shuffling, same dropout, same sampler epoch under DDP."""
+        loader = self.train_loader  # built now, so its construction draws are behind us
+        set_rng_state(self._resume_rng)
+        self._resume_rng = None
+        if hasattr(loader, "iter_loader"):  # LAVIS's IterLoader: new epoch iterator, as at an epoch boundary
+            loader._epoch = epoch
+            sampler = getattr(loader._dataloader, "sampler", None)
+            if self.use_distributed and hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            loader.iter_loader = iter(loader._dataloader)
 
     def _no_epoch_sleep(self):
         """LAVIS's ``IterLoader`` sleeps 2 s at each epoch boundary to let loader worker

@@ -1,15 +1,19 @@
 """``cprd_retrieval``: LAVIS's retrieval task, trained through the distilling model's forward."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import defaultdict
 from typing import Dict, List
 
+import torch
 from lavis.common.dist_utils import get_world_size
 from lavis.common.registry import registry
 from lavis.common.utils import get_cache_path, is_url
 from lavis.tasks.retrieval import RetrievalTask
+
+from lavis_cprd.datasets.checks import check_split, unknown_only_checker
 
 # Loss terms the model returns next to ``loss``; their epoch means go to log.txt.
 _LOGGED_TERMS = ("loss_itc", "loss_distill", "valid_negatives", "teacher_cache_hit_rate")
@@ -21,19 +25,37 @@ class CprdRetrievalTask(RetrievalTask):
     ``RetrievalTask.evaluation`` (``model.compute_sim_matrix`` + ``_report_metrics``), so the
     metric keys are LAVIS's: ``txt_r1 ... img_r10, r_mean, agg_metrics``."""
 
+    skip_nonfinite_loss = False
+    skipped_steps = 0
+    _skip_update = False
+
     def __init__(self, cfg):
         super().__init__(cfg)
         self._epoch_terms: Dict[str, List[float]] = defaultdict(list)
+        # run.skip_nonfinite_loss: false = a non-finite loss stops training with a message
+        # naming the term; true = the step is skipped (no optimizer update) and counted.
+        self.skip_nonfinite_loss = bool(cfg.get("skip_nonfinite_loss", False)) if cfg is not None else False
+        self.skipped_steps = 0
+        self._skip_update = False
 
     # ----------------------------------------------------------------- building
     def build_datasets(self, cfg):
+        """LAVIS's builders, with every split checked for bad data (see ``datasets.checks``):
+        ``datasets.NAME.skip_bad: true`` leaves bad entries out with a warning instead of
+        failing; ``check_images: false`` skips opening every image (huge, trusted sets)."""
         for name, dcfg in cfg.datasets_cfg.items():
             check_annotation_files(name, dcfg)
         datasets = super().build_datasets(cfg)
+        only_unknown = unknown_only_checker(_caption_tokenizer(cfg.model_cfg))
         for name, splits in datasets.items():
-            if cfg.datasets_cfg[name].get("check_images", True):
-                for split, dataset in splits.items():
-                    check_image_files(name, split, dataset)
+            dcfg = cfg.datasets_cfg[name]
+            if not dcfg.get("check_images", True):
+                continue
+            work_dir = os.path.join(registry.get_path("cache_root"), "lavis_cprd_filtered")
+            for split in list(splits):
+                splits[split] = check_split(
+                    name, split, splits[split], bool(dcfg.get("skip_bad", False)), only_unknown, work_dir
+                )
         return datasets
 
     def build_model(self, cfg):
@@ -50,22 +72,89 @@ class CprdRetrievalTask(RetrievalTask):
     # ----------------------------------------------------------------- training
     def train_step(self, model, samples):
         output = model(samples)
+        bad = nonfinite_terms(output)
+        if _any_rank(bool(bad)):  # every rank takes the same branch, or DDP would hang
+            return self._nonfinite(model, samples, output, bad)
+        self._skip_update = False
         for term in _LOGGED_TERMS:
             value = output.get(term) if hasattr(output, "get") else None
             if value is not None:
                 self._epoch_terms[term].append(float(value))
         return output["loss"]
 
+    def _nonfinite(self, model, samples, output, bad: List[str]):
+        where = f"epoch {samples.get('epoch', '?')}, step {samples.get('iters', '?')}"
+        values = ", ".join(f"{k}={float(v):.4g}" for k, v in _terms(output).items())
+        if not self.skip_nonfinite_loss:
+            raise FloatingPointError(
+                f"non-finite loss at {where}: {bad or 'on another rank'} ({values}). Lower run.init_lr, check the "
+                "data, or set run.skip_nonfinite_loss: true to skip such steps"
+            )
+        self.skipped_steps += 1
+        self._skip_update = True
+        logging.warning("skipping step at %s: non-finite %s (%s); %d skipped so far", where, bad or "loss on another rank",
+                        values, self.skipped_steps)
+        # A zero that reaches every trainable parameter: DDP's gradient hooks all fire as usual.
+        params = [p for p in model.parameters() if p.requires_grad]
+        return sum(p.sum() * 0.0 for p in params)
+
     def train_epoch(self, epoch, model, **kwargs):  # LAVIS's runner passes keywords
         unwrapped = getattr(model, "module", model)  # DDP wraps the model
         if hasattr(unwrapped, "set_epoch"):
             unwrapped.set_epoch(epoch)
         self._epoch_terms.clear()
-        stats = super().train_epoch(epoch=epoch, model=model, **kwargs)
+        optimizer = kwargs.get("optimizer")
+        if optimizer is not None and int(kwargs.get("accum_grad_iters", 1)) == 1:
+            with _skippable_steps(optimizer, self):
+                stats = super().train_epoch(epoch=epoch, model=model, **kwargs)
+        else:  # with gradient accumulation a skipped step only contributes zero gradients
+            stats = super().train_epoch(epoch=epoch, model=model, **kwargs)
+        if self.skipped_steps:
+            stats["skipped_nonfinite_steps"] = str(self.skipped_steps)
         for term, values in self._epoch_terms.items():
             stats[term] = "{:.4f}".format(sum(values) / len(values))
         logging.info("Epoch means: %s", {k: stats[k] for k in self._epoch_terms})
         return stats
+
+
+def _terms(output) -> Dict[str, torch.Tensor]:
+    names = ("loss",) + tuple(t for t in _LOGGED_TERMS if t.startswith("loss"))
+    return {k: output[k] for k in names if hasattr(output, "get") and output.get(k) is not None}
+
+
+def nonfinite_terms(output) -> List[str]:
+    """Names of the loss terms (``loss_itc``, ``loss_distill``, then ``loss``) that are NaN or inf."""
+    terms = _terms(output)
+    bad = [k for k, v in terms.items() if k != "loss" and not bool(torch.isfinite(v.detach()).all())]
+    if not bad and "loss" in terms and not bool(torch.isfinite(terms["loss"].detach()).all()):
+        bad = ["loss"]
+    return bad
+
+
+def _any_rank(flag: bool) -> bool:
+    if get_world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)], device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+@contextlib.contextmanager
+def _skippable_steps(optimizer, task: "CprdRetrievalTask"):
+    """``optimizer.step`` does nothing after a skipped (non-finite) step: a zero gradient would
+    still move the weights through AdamW's moments and weight decay."""
+    step = optimizer.step
+
+    def guarded(*args, **kwargs):
+        if task._skip_update:
+            return None
+        return step(*args, **kwargs)
+
+    optimizer.step = guarded
+    try:
+        yield
+    finally:
+        optimizer.step = step
 
 
 def _as_list(value) -> list:
@@ -92,16 +181,9 @@ def check_annotation_files(name: str, dcfg) -> None:
             )
 
 
-def check_image_files(name: str, split: str, dataset, show: int = 3) -> None:
-    """Every image an annotation names must exist under the split's image root."""
-    annotation = getattr(dataset, "annotation", None)
-    vis_root = getattr(dataset, "vis_root", None)
-    if annotation is None or vis_root is None:
-        return
-    images = sorted({ann["image"] for ann in annotation if "image" in ann})
-    missing = [p for p in images if not os.path.isfile(os.path.join(vis_root, p))]
-    if missing:
-        raise FileNotFoundError(
-            f"datasets.{name} split {split!r}: {len(missing)} of {len(images)} image files do not exist "
-            f"under {vis_root!r}, e.g. {missing[:show]} (set datasets.{name}.build_info.images.storage)"
-        )
+def _caption_tokenizer(model_cfg):
+    """The student's tokenizer, for the unknown-token check (None: none applies, e.g. CLIP's
+    byte-level BPE has no unknown token)."""
+    model_cls = registry.get_model_class(model_cfg.get("arch", ""))
+    make = getattr(model_cls, "caption_tokenizer", None)
+    return make(model_cfg) if make is not None else None

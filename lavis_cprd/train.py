@@ -10,7 +10,7 @@ from lavis_cprd.launch import build_runner, make_parser
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    args = make_parser("Train a lavis-cprd experiment.").parse_args(argv)
+    args = make_parser("Train a lavis-cprd experiment.", resume=True).parse_args(argv)
     build_runner(args).train()
 
 

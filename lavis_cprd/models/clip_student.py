@@ -102,6 +102,10 @@ class CprdClipDualEncoder(CprdDualEncoder):
             temp = float(torch.exp(-clip.logit_scale.detach()))
         self._init_training(embed_dim, temp, distill, tokenizer_path)
 
+    @classmethod
+    def caption_tokenizer(cls, cfg):
+        return None  # CLIP's byte-level BPE: every caption has known tokens
+
     def tokenize(self, captions, device) -> torch.Tensor:
         return self.clip.tokenizer(list(captions), context_length=self.max_txt_len).to(device)
 

@@ -126,9 +126,14 @@ class CprdDualEncoder(BlipBase):
         use (evaluation never builds it)."""
         if self._teacher is None:
             t0 = time.time()
-            self._teacher = build_teacher(
-                self.distill.teacher, tokenizer_path=self.tokenizer_path, kind=self.distill.teacher_kind
-            )
+            # Built from its own seed, on a forked RNG: a randomly initialised teacher is the
+            # same in every process and after a resume, and building it (lazily, mid-training)
+            # never shifts the training RNG streams.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(self.distill.teacher.get("seed", 0)))
+                self._teacher = build_teacher(
+                    self.distill.teacher, tokenizer_path=self.tokenizer_path, kind=self.distill.teacher_kind
+                )
             logging.info("Built teacher %s in %.1fs", self.distill.teacher.get("arch"), time.time() - t0)
         return self._teacher
 
@@ -319,6 +324,11 @@ class CprdDualEncoder(BlipBase):
 
     # ------------------------------------------------------------------- config
     @classmethod
+    def caption_tokenizer(cls, cfg):
+        """The tokenizer ``from_config`` would give this model (data checks use it)."""
+        return load_blip_tokenizer(cfg.get("tokenizer_path", None))
+
+    @classmethod
     def from_config(cls, cfg) -> "CprdDualEncoder":
         tokenizer_path = cfg.get("tokenizer_path", None)
         distill = DistillConfig.from_cfg(cfg.get("distill", None))
@@ -349,28 +359,53 @@ def dual_encoder_sim_matrix(model, data_loader, text_batch_size: int = 256) -> T
     ``encode_image``), or any BLIP-shaped model (``visual_encoder`` + ``vision_proj``,
     ``text_encoder.forward_text`` + ``text_proj``, ``tokenizer``), e.g. a cross-encoder's own
     dual part. Image rows are placed by the dataset's ``index``, so any sampler order works.
+
+    Under ``torch.distributed`` each rank encodes its own share of the captions and images
+    (its ``DistributedSampler`` shard, or every W-th image), the features are gathered once,
+    and every rank holds the full matrix (LAVIS reports metrics on rank 0).
     Returns ``(i2t [n_img, n_txt], t2i [n_txt, n_img])`` as numpy."""
     t0 = time.time()
     device = model.device
+    rank, world = dist.get_rank(), dist.get_world_size()
     if hasattr(model, "encode_captions"):
         encode_texts, encode_images = model.encode_captions, model.encode_image
     else:
         encode_texts, encode_images = partial(_blip_text_features, model), partial(_blip_image_features, model)
     texts = data_loader.dataset.text
-    text_feats = torch.cat(
-        [encode_texts(list(texts[i : i + text_batch_size]), device) for i in range(0, len(texts), text_batch_size)]
-    )
-    image_feats = torch.zeros(len(data_loader.dataset), text_feats.shape[1], device=device)
+    mine = range(rank * text_batch_size, len(texts), world * text_batch_size)  # round-robin text batches
+    text_parts = {i: encode_texts(list(texts[i : i + text_batch_size]), device).float().cpu() for i in mine}
+    text_parts = dist.gather_objects(text_parts)
+    text_feats = torch.cat([text_parts[i] for i in sorted(text_parts)]).to(device)
+
+    image_rows, image_parts = [], []
+    for samples in _own_share(data_loader, rank, world):
+        image_rows.append(torch.as_tensor(samples["index"]).long())
+        image_parts.append(encode_images(samples["image"].to(device)).float().cpu())
+    rows = dist.gather_objects({rank: (torch.cat(image_rows) if image_rows else torch.zeros(0, dtype=torch.long),
+                                       torch.cat(image_parts) if image_parts else torch.zeros(0, text_feats.shape[1]))})
+    image_feats = torch.zeros(len(data_loader.dataset), text_feats.shape[1])
     seen = torch.zeros(len(data_loader.dataset), dtype=torch.bool)
-    for samples in data_loader:
-        index = torch.as_tensor(samples["index"]).long()
-        image_feats[index.to(device)] = encode_images(samples["image"].to(device)).to(image_feats.dtype)
+    for index, feats in rows.values():
+        image_feats[index] = feats
         seen[index] = True
+    image_feats = image_feats.to(device)
     if not bool(seen.all()):
         raise RuntimeError(f"compute_sim_matrix saw {int(seen.sum())} of {len(seen)} images: the loader must cover the split")
     sims = (image_feats @ text_feats.t().to(image_feats.dtype)).float().cpu()
     logging.info("Encoded %d images and %d texts in %.1fs", len(seen), len(texts), time.time() - t0)
     return sims.numpy(), sims.t().contiguous().numpy()
+
+
+def _own_share(data_loader, rank: int, world: int):
+    """This rank's part of an evaluation loader: its ``DistributedSampler`` shard as is, or
+    every ``world``-th image of a plain loader (LAVIS's default ``use_dist_eval_sampler: False``)."""
+    if world == 1 or isinstance(getattr(data_loader, "sampler", None), torch.utils.data.DistributedSampler):
+        return data_loader
+    subset = torch.utils.data.Subset(data_loader.dataset, list(range(rank, len(data_loader.dataset), world)))
+    return torch.utils.data.DataLoader(
+        subset, batch_size=data_loader.batch_size or 1, num_workers=data_loader.num_workers,
+        collate_fn=data_loader.collate_fn, pin_memory=data_loader.pin_memory,
+    )
 
 
 def _blip_text_features(model, captions, device) -> torch.Tensor:

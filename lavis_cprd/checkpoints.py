@@ -1,0 +1,87 @@
+"""Checkpoint files that survive interruption: atomic writes, RNG states, safe loading, and
+finding the newest readable checkpoint to resume from (``--resume auto``)."""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import pickle
+import random
+import zipfile
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+LATEST, PREVIOUS, BEST = "checkpoint_latest.pth", "checkpoint_previous.pth", "checkpoint_best.pth"
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read (truncated by a crash, or not a checkpoint)."""
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: a reader (or a
+    resume after a crash) sees the old file or the whole new one, never a torn write."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
+    """``torch.load(path, weights_only=True)``, with a clear error for a damaged file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        raise CorruptCheckpointError(
+            f"checkpoint {path!r} ({os.path.getsize(path)} bytes) is unreadable, truncated or corrupt: "
+            f"{str(e).splitlines()[0]}"
+        ) from e
+
+
+def rng_state() -> Dict[str, Any]:
+    """Every RNG a training step draws from, in a form ``weights_only`` loading accepts."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def find_resume_checkpoint(output_root: str) -> Optional[str]:
+    """The newest readable ``checkpoint_latest``/``checkpoint_previous`` under
+    ``output_root/<job>/`` (LAVIS writes one job folder per run). Unreadable files are skipped
+    with a warning, so a checkpoint torn by a crash falls back to the one before it."""
+    candidates = glob.glob(os.path.join(output_root, "*", LATEST)) + glob.glob(os.path.join(output_root, "*", PREVIOUS))
+    scored = []
+    for path in candidates:
+        try:
+            ckpt = load_checkpoint(path)
+        except CorruptCheckpointError as e:
+            logging.warning("--resume auto: skipping %s", e)
+            continue
+        scored.append((int(ckpt.get("epoch", -1)), os.path.getmtime(path), path))
+    if not scored:
+        return None
+    return max(scored)[2]

@@ -1,0 +1,146 @@
+"""Bad-data checks at dataset build time: missing or unreadable images, empty captions,
+captions of only unknown tokens, one image id naming several images (or one image listed
+twice in an evaluation split). By default a clear error; with ``datasets.NAME.skip_bad:
+true``, a warning with counts and the items left out."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter, defaultdict
+from typing import Callable, Dict, List, Optional, Tuple
+
+from PIL import Image
+
+SHOW = 3  # examples per problem kind in messages
+
+
+Reason = Tuple[str, str]  # (kind, detail)
+
+
+def _image_problem(path: str) -> Optional[Reason]:
+    if not os.path.isfile(path):
+        return ("missing image", path)
+    try:
+        with Image.open(path) as img:
+            img.verify()  # header and structure, without decoding every pixel
+    except Exception as e:  # PIL raises many types for broken files
+        return ("unreadable image", f"{path} ({type(e).__name__}: {e})")
+    return None
+
+
+def unknown_only_checker(tokenizer) -> Optional[Callable[[str], bool]]:
+    """``caption -> True`` when every word of it maps to the tokenizer's unknown token (the
+    student would see ``[CLS] [UNK] ... [SEP]``). Words are looked up once each."""
+    if tokenizer is None or getattr(tokenizer, "unk_token", None) is None:
+        return None
+    unknown: Dict[str, bool] = {}
+
+    def only_unknown(caption: str) -> bool:
+        words = caption.split()
+        for w in words:
+            if w not in unknown:
+                unknown[w] = tokenizer.tokenize(w) == [tokenizer.unk_token]
+            if not unknown[w]:
+                return False
+        return bool(words)
+
+    return only_unknown
+
+
+def find_problems(dataset, only_unknown=None) -> Tuple[Dict[int, List[Reason]], Dict[Tuple[int, int], Reason]]:
+    """``(item problems {annotation index: [reasons]}, caption problems {(index, caption
+    index): reason})`` of a LAVIS retrieval split (training: one caption per item; evaluation:
+    a caption list per image)."""
+    items: Dict[int, List[Reason]] = defaultdict(list)
+    captions: Dict[Tuple[int, int], Reason] = {}
+    image_reason: Dict[str, Optional[Reason]] = {}
+    training = hasattr(dataset, "img_ids")
+    paths_of_id: Dict[object, set] = defaultdict(set)
+    first_entry: Dict[str, int] = {}
+    for n, ann in enumerate(dataset.annotation):
+        path = ann.get("image", "")
+        if path not in image_reason:
+            image_reason[path] = _image_problem(os.path.join(dataset.vis_root, path))
+        if image_reason[path]:
+            items[n].append(image_reason[path])
+        if training:
+            paths_of_id[ann["image_id"]].add(path)
+        elif path in first_entry:
+            items[n].append(("image listed twice", f"{path} (also entry {first_entry[path]})"))
+        else:
+            first_entry[path] = n
+        raw = ann.get("caption", "")
+        for k, caption in enumerate([raw] if isinstance(raw, str) else list(raw)):
+            processed = dataset.text_processor(caption) if isinstance(caption, str) else ""
+            if not processed.strip():
+                captions[(n, k)] = ("empty caption", repr(caption))
+            elif only_unknown is not None and only_unknown(processed):
+                captions[(n, k)] = ("caption of only unknown tokens", repr(caption))
+    for n, ann in enumerate(dataset.annotation) if training else ():
+        paths = paths_of_id[ann["image_id"]]
+        if len(paths) > 1:
+            items[n].append(("duplicated image id", f"{ann['image_id']!r} names {sorted(paths)[:SHOW]}"))
+    if training:  # a training item is its caption: a bad caption is a bad item
+        for (n, _), reason in captions.items():
+            items[n].append(reason)
+        captions = {}
+    return dict(items), captions
+
+
+def _summary(items: Dict[int, List[Reason]], captions: Dict[Tuple[int, int], Reason]) -> str:
+    kinds = Counter(kind for rs in items.values() for kind, _ in rs)
+    kinds.update(kind for kind, _ in captions.values())
+    examples = [f"entry {n}: " + "; ".join(f"{k} {d}" for k, d in rs) for n, rs in list(items.items())[:SHOW]]
+    examples += [f"entry {n} caption {c}: {k} {d}" for (n, c), (k, d) in list(captions.items())[:SHOW]]
+    counts = ", ".join(f"{c} {k}" for k, c in sorted(kinds.items()))
+    return f"{counts}; e.g. " + " | ".join(examples)
+
+
+def check_split(name: str, split: str, dataset, skip_bad: bool, only_unknown=None, work_dir: str = ""):
+    """The split, checked: unchanged when clean; a ``ValueError`` (``FileNotFoundError`` when
+    only images are missing) naming the problems; or with ``skip_bad`` the split rebuilt by
+    its own LAVIS class from the annotations that are left."""
+    if getattr(dataset, "annotation", None) is None or getattr(dataset, "vis_root", None) is None:
+        return dataset
+    items, captions = find_problems(dataset, only_unknown)
+    if not items and not captions:
+        return dataset
+    where = f"datasets.{name} split {split!r}"
+    if not skip_bad:
+        hint = f"Fix the annotations, or set datasets.{name}.skip_bad: true to leave such items out."
+        only_missing = all(k == "missing image" for rs in items.values() for k, _ in rs) and not captions
+        if only_missing:
+            missing = sorted({os.path.relpath(d, dataset.vis_root) for rs in items.values() for _, d in rs})
+            images = {ann.get("image") for ann in dataset.annotation}
+            raise FileNotFoundError(
+                f"{where}: {len(missing)} of {len(images)} image files do not exist under {dataset.vis_root!r}, "
+                f"e.g. {missing[:SHOW]} (set datasets.{name}.build_info.images.storage). {hint}"
+            )
+        raise ValueError(f"{where}: {len(items) + len(captions)} bad entries: {_summary(items, captions)}. {hint}")
+
+    kept = []
+    for n, ann in enumerate(dataset.annotation):
+        if n in items:
+            continue
+        if isinstance(ann.get("caption"), list):
+            good = [c for k, c in enumerate(ann["caption"]) if (n, k) not in captions]
+            if not good:
+                continue
+            ann = dict(ann, caption=good)
+        kept.append({k: v for k, v in ann.items() if k != "instance_id"})
+    logging.warning(
+        "%s: skipping %d of %d entries and %d captions (skip_bad: true): %s",
+        where, len(items), len(dataset.annotation), len(captions), _summary(items, captions),
+    )
+    if not kept:
+        raise ValueError(f"{where}: every entry is bad ({_summary(items, captions)})")
+    os.makedirs(work_dir, exist_ok=True)
+    blob = json.dumps(kept, sort_keys=True)
+    path = os.path.join(work_dir, f"{name}_{split}_{hashlib.sha1(blob.encode()).hexdigest()[:12]}.json")
+    with open(path, "w") as f:
+        f.write(blob)
+    rebuilt = type(dataset)(dataset.vis_processor, dataset.text_processor, dataset.vis_root, [path])
+    rebuilt.skipped_bad = len(items) + len(captions)
+    return rebuilt

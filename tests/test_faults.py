@@ -1,0 +1,159 @@
+"""Numerical safety: a non-finite loss stops training naming its term, or skips the step."""
+import pytest
+import torch
+from lavis.common.optims import LinearWarmupCosineLRScheduler
+from lavis.datasets.datasets.dataloader_utils import IterLoader
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, default_collate
+
+from conftest import tiny_model_cfg
+from lavis_cprd.models.dual_encoder import CprdDualEncoder
+from lavis_cprd.tasks import CprdRetrievalTask
+
+
+def samples(n=16):
+    torch.manual_seed(0)
+    return [{"image": torch.randn(3, 48, 48), "text_input": f"a {c} thing number {i}", "image_id": i}
+            for i, c in zip(range(n), ["red", "blue", "green", "black"] * 4)]
+
+
+class NanAtStep:
+    """The model's forward, with ``term`` turned NaN on the given calls."""
+
+    def __init__(self, model, steps, term="loss_distill"):
+        self.model, self.steps, self.term, self.calls = model, set(steps), term, 0
+        self.forward = model.forward
+
+    def __call__(self, batch):
+        out = self.forward(batch)
+        if self.calls in self.steps:
+            out[self.term] = out[self.term] * float("nan")
+            out["loss"] = out["loss"] * float("nan")
+        self.calls += 1
+        return out
+
+
+def run_epoch(model, skip, nan_steps, items=None):
+    task = CprdRetrievalTask(OmegaConf.create({"skip_nonfinite_loss": skip, "k_test": 4}))
+    model.forward = NanAtStep(model, nan_steps)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.05)
+    loader = IterLoader(DataLoader(items or samples(), batch_size=8, collate_fn=default_collate))
+    sched = LinearWarmupCosineLRScheduler(optimizer, max_epoch=1, min_lr=1e-4, init_lr=1e-3)
+    snapshots = []
+    original_zero = optimizer.zero_grad
+
+    def zero_grad(*a, **k):  # called after every (possibly skipped) step: snapshot the weights
+        snapshots.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        return original_zero(*a, **k)
+
+    optimizer.zero_grad = zero_grad
+    stats = task.train_epoch(epoch=0, model=model, data_loader=loader, optimizer=optimizer, scaler=None,
+                             lr_scheduler=sched, cuda_enabled=False, log_freq=100, accum_grad_iters=1)
+    return task, stats, snapshots
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return CprdDualEncoder.from_config(tiny_model_cfg(num_hard_negatives=3)).eval()
+
+
+def test_nonfinite_loss_stops_with_the_term_named(model):
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at epoch 0, step 1: \['loss_distill'\] \(loss=nan, "
+                                                 r"loss_itc=[\d.]+, loss_distill=nan\).*run.skip_nonfinite_loss: true"):
+        run_epoch(model, skip=False, nan_steps=[1])
+
+
+def test_nonfinite_step_is_skipped_without_touching_the_weights(model):
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    task, stats, snapshots = run_epoch(model, skip=True, nan_steps=[0])
+    assert task.skipped_steps == 1 and stats["skipped_nonfinite_steps"] == "1"
+    first, second = snapshots
+    assert all(torch.equal(first[n], before[n]) for n in before)  # the skipped step changed nothing
+    assert any(not torch.equal(second[n], first[n]) for n in before)  # the next one trained
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # as if the bad batch never was: one step on the second batch alone, from the same weights
+    # and a fresh AdamW, lands on the same weights (no moment or weight-decay update leaked)
+    torch.manual_seed(0)
+    fresh = CprdDualEncoder.from_config(tiny_model_cfg(num_hard_negatives=3)).eval()
+    _, _, (ref,) = run_epoch(fresh, skip=True, nan_steps=[], items=samples()[8:])
+    assert all(torch.allclose(ref[n], second[n], atol=1e-6) for n in before)
+
+
+# ---------------------------------------------------------------- bad data
+def build_splits(tmp_path, edit, **overrides):
+    """The generated dataset, ``edit(root, annotations)`` applied, then built by the task."""
+    import json as _json
+
+    import lavis.tasks as tasks
+
+    from conftest import experiment_yaml, write_retrieval_dataset
+    from lavis_cprd.launch import load_config
+
+    root = str(tmp_path / "data")
+    splits = write_retrieval_dataset(root, n_train=12, n_val=4, n_test=4)
+    anns = {s: _json.load(open(p)) for s, p in splits.items()}
+    edit(root, anns)
+    for s, p in splits.items():
+        _json.dump(anns[s], open(p, "w"))
+    cfg_path = experiment_yaml(tmp_path / "x.yaml", root, splits, tmp_path / "o", **overrides)
+    cfg = load_config(type("Args", (), {"cfg_path": cfg_path, "options": []})())
+    return tasks.setup_task(cfg).build_datasets(cfg)["flickr30k"]
+
+
+def unreadable(root, anns):
+    open(f"{root}/{anns['train'][6]['image']}", "wb").write(b"this is not a png")  # items 6, 7 share it
+
+
+def empty_caption(root, anns):
+    anns["train"][2]["caption"] = " ... "  # BLIP's caption processor strips it to nothing
+    anns["val"][1]["caption"][0] = ""
+
+
+def unknown_tokens(root, anns):
+    anns["train"][4]["caption"] = "ⵣⵣⵣ ꙮꙮ"
+
+
+def duplicated_id(root, anns):
+    anns["train"][9]["image_id"] = anns["train"][0]["image_id"]  # two different images, one id
+
+
+def duplicated_val_image(root, anns):
+    anns["val"][3]["image"] = anns["val"][0]["image"]
+
+
+CASES = {
+    "unreadable": (unreadable, r"split 'train': 2 bad entries: 2 unreadable image; e.g. entry 6: unreadable image "
+                   r".*train_3.png"),
+    "empty caption": (empty_caption, r"split 'train': 1 bad entries: 1 empty caption; e.g. entry 2: empty caption ' ... '"),
+    "unknown tokens": (unknown_tokens, r"split 'train': 1 bad entries: 1 caption of only unknown tokens; e.g. entry 4"),
+    "duplicated id": (duplicated_id, r"split 'train': 3 bad entries: 3 duplicated image id; e.g. entry 0: "
+                      r"duplicated image id 0 names"),
+    "duplicated val image": (duplicated_val_image, r"split 'val': 1 bad entries: 1 image listed twice; e.g. entry 3: "
+                             r"image listed twice .* \(also entry 0\)"),
+}
+# items removed from (train, val) with skip_bad, and captions removed from val
+SKIPPED = {"unreadable": (2, 0, 0), "empty caption": (1, 0, 1), "unknown tokens": (1, 0, 0),
+           "duplicated id": (3, 0, 0), "duplicated val image": (0, 1, 0)}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_data_is_a_clear_error(case, tmp_path):
+    edit, message = CASES[case]
+    with pytest.raises(ValueError, match=message + r".*set datasets.flickr30k.skip_bad: true"):
+        build_splits(tmp_path, edit)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_data_is_skipped_and_counted(case, tmp_path, caplog):
+    edit, _ = CASES[case]
+    clean = build_splits(tmp_path / "clean", lambda root, anns: None)
+    with caplog.at_level("WARNING"):
+        splits = build_splits(tmp_path / "bad", edit, **{"datasets.flickr30k.skip_bad": True})
+    items, val_items, val_captions = SKIPPED[case]
+    assert len(splits["train"]) == len(clean["train"]) - items
+    assert len(splits["val"]) == len(clean["val"]) - val_items
+    assert len(splits["val"].text) == len(clean["val"].text) - val_captions - 2 * val_items
+    assert "skipping" in caplog.text and "(skip_bad: true)" in caplog.text
+    sample = splits["train"][len(splits["train"]) - 1]  # the rebuilt split loads like LAVIS's own
+    assert sample["image"].shape == (3, 48, 48) and sample["text_input"]
