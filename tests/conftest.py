@@ -28,8 +28,9 @@ def _cache_root(tmp_path_factory):
     os.environ["LAVIS_CACHE_ROOT"] = str(tmp_path_factory.mktemp("lavis_cache"))
 
 
-def tiny_model_cfg(**distill):
-    cfg = OmegaConf.load(CprdDualEncoder.default_config_path("tiny")).model
+def tiny_model_cfg(model_cls=CprdDualEncoder, **distill):
+    """A student family's ``tiny`` model config with the offline tokenizer and ``distill`` overrides."""
+    cfg = OmegaConf.load(model_cls.default_config_path("tiny")).model
     cfg.tokenizer_path = TOKENIZER
     for key, value in distill.items():
         cfg.distill[key] = value

@@ -5,17 +5,13 @@ from lavis.common.registry import registry
 from lavis.models.clip_models.model import CLIP
 from omegaconf import OmegaConf
 
-from conftest import TOKENIZER
+from conftest import tiny_model_cfg
 from lavis_cprd.models.clip_student import CprdClipDualEncoder
 from test_model import assert_forward_is_itc_plus_cprd
 
 
 def clip_cfg(**distill):
-    cfg = OmegaConf.load(CprdClipDualEncoder.default_config_path("tiny")).model
-    cfg.tokenizer_path = TOKENIZER
-    for key, value in distill.items():
-        cfg.distill[key] = value
-    return cfg
+    return tiny_model_cfg(CprdClipDualEncoder, **distill)
 
 
 @pytest.fixture(scope="module")

@@ -69,6 +69,27 @@ class CrossEncoderTeacher(FrozenTeacher):
             logits = self._match_logits(images, list(captions), pairs)
         return logits.float()
 
+    def _distinct_inputs(self, images: torch.Tensor, captions: Sequence[str], pairs: torch.Tensor):
+        """For LAVIS's BERT-tokenized cross-encoders: each distinct image resized to the
+        teacher's ``image_size`` and encoded once (``_image_features``), each distinct caption
+        tokenized once. Returns ``(image features, image index of each pair, tokens, caption
+        index of each pair)``."""
+        image_rows, image_of_pair = pairs[:, 0].unique(return_inverse=True)
+        text_rows, text_of_pair = pairs[:, 1].unique(return_inverse=True)
+        pixels = match_resolution(images[image_rows], self.image_size)
+        features = torch.cat([self._image_features(pixels[s]) for s in chunks(len(pixels), self.batch_size)])
+        text = self.model.tokenizer(
+            [captions[i] for i in text_rows.tolist()],
+            padding="longest",
+            truncation=True,
+            max_length=self.model.max_txt_len,
+            return_tensors="pt",
+        ).to(images.device)
+        return features, image_of_pair, text, text_of_pair
+
+    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} does not use _distinct_inputs")
+
     def score(self, images: torch.Tensor, captions: Sequence[str], pairs: torch.Tensor) -> torch.Tensor:
         """Match probability ``c(i, j) = softmax(itm_logits)[:, 1]`` for each pair, ``[P]``."""
         return self.match_logits(images, captions, pairs).softmax(dim=-1)[:, 1]

@@ -10,7 +10,7 @@ from lavis.models.blip2_models.blip2_image_text_matching import Blip2ITM
 from lavis.models.blip2_models.Qformer import BertConfig, BertLMHeadModel
 from lavis.models.eva_vit import VisionTransformer
 
-from lavis_cprd.teachers.base import CrossEncoderTeacher, chunks, match_resolution
+from lavis_cprd.teachers.base import CrossEncoderTeacher, chunks
 from lavis_cprd.teachers.blip_itm import blip_model_config, load_teacher_weights
 from lavis_cprd.teachers.registry import register_teacher
 from lavis_cprd.tokenization import load_bert_tokenizer
@@ -124,22 +124,12 @@ class Blip2ITMTeacher(CrossEncoderTeacher):
     def image_size(self) -> int:
         return int(self.model.visual_encoder.image_size)
 
+    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.ln_vision(self.model.visual_encoder(pixels))
+
     def _match_logits(self, images: torch.Tensor, captions: Sequence[str], pairs: torch.Tensor) -> torch.Tensor:
         model = self.model
-        image_rows, image_of_pair = pairs[:, 0].unique(return_inverse=True)
-        text_rows, text_of_pair = pairs[:, 1].unique(return_inverse=True)
-
-        pixels = match_resolution(images[image_rows], self.image_size)
-        image_embeds = torch.cat(
-            [model.ln_vision(model.visual_encoder(pixels[s])) for s in chunks(len(pixels), self.batch_size)]
-        )
-        text = model.tokenizer(
-            [captions[i] for i in text_rows.tolist()],
-            padding="longest",
-            truncation=True,
-            max_length=model.max_txt_len,
-            return_tensors="pt",
-        ).to(images.device)
+        image_embeds, image_of_pair, text, text_of_pair = self._distinct_inputs(images, captions, pairs)
 
         num_query = model.query_tokens.shape[1]
         logits = []

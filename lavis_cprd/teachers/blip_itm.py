@@ -9,7 +9,7 @@ from lavis.models.blip_models.blip_image_text_matching import BlipITM
 from omegaconf import OmegaConf
 
 from lavis_cprd.models.encoders import build_text_encoder, build_vision_encoder
-from lavis_cprd.teachers.base import CrossEncoderTeacher, chunks, match_resolution
+from lavis_cprd.teachers.base import CrossEncoderTeacher, chunks
 from lavis_cprd.teachers.registry import register_teacher
 from lavis_cprd.tokenization import with_local_tokenizer
 
@@ -103,23 +103,12 @@ class BlipITMTeacher(CrossEncoderTeacher):
     def image_size(self) -> int:
         return int(self.model.visual_encoder.patch_embed.img_size[0])
 
+    def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.visual_encoder.forward_features(pixels)
+
     def _match_logits(self, images: torch.Tensor, captions: Sequence[str], pairs: torch.Tensor) -> torch.Tensor:
         model = self.model
-        image_rows, image_of_pair = pairs[:, 0].unique(return_inverse=True)
-        text_rows, text_of_pair = pairs[:, 1].unique(return_inverse=True)
-
-        pixels = match_resolution(images[image_rows], self.image_size)
-        image_embeds = torch.cat(
-            [model.visual_encoder.forward_features(pixels[s]) for s in chunks(len(pixels), self.batch_size)]
-        )
-
-        text = model.tokenizer(
-            [captions[i] for i in text_rows.tolist()],
-            padding="longest",
-            truncation=True,
-            max_length=model.max_txt_len,
-            return_tensors="pt",
-        ).to(images.device)
+        image_embeds, image_of_pair, text, text_of_pair = self._distinct_inputs(images, captions, pairs)
         input_ids = text.input_ids.clone()
         if hasattr(model.tokenizer, "enc_token_id"):  # BLIP marks ITM inputs with [ENC]; ALBEF keeps [CLS]
             input_ids[:, 0] = model.tokenizer.enc_token_id
