@@ -1,4 +1,4 @@
-"""``lavis-cprd`` command: ``lavis-cprd train|evaluate|demo|compare|cache-teacher ...``."""
+"""``lavis-cprd`` command: ``lavis-cprd train|evaluate|demo|compare|cache-teacher|index|search ...``."""
 from __future__ import annotations
 
 import sys
@@ -10,6 +10,8 @@ COMMANDS = {
     "demo": "lavis_cprd.demo",
     "compare": "lavis_cprd.compare",
     "cache-teacher": "lavis_cprd.cache_teacher",
+    "index": "lavis_cprd.serving:index_main",
+    "search": "lavis_cprd.serving:search_main",
 }
 
 
@@ -22,7 +24,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         sys.exit(0 if argv[:1] in ([], ["-h"], ["--help"]) else 2)
     import importlib
 
-    importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
+    module, _, function = COMMANDS[argv[0]].partition(":")
+    getattr(importlib.import_module(module), function or "main")(argv[1:])
 
 
 if __name__ == "__main__":

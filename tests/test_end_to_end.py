@@ -153,3 +153,72 @@ def test_missing_tokenizer_folder(bad_setup):
 def test_missing_config_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="--cfg-path .*missing.yaml' does not exist"):
         train.main(["--cfg-path", str(tmp_path / "missing.yaml")])
+
+
+# ---------------------------------------------------------------- serving
+def test_faiss_search_equals_compute_sim_matrix_and_lavis_recall(trained, tmp_path):
+    """The flat index ranks exactly as compute_sim_matrix; it round-trips to disk; the CLI's
+    top-1 hit rate over the test captions is LAVIS's img_r1 for the same checkpoint."""
+    import lavis.tasks as tasks
+    import numpy as np
+
+    from lavis_cprd.launch import load_config
+    from lavis_cprd.serving import (
+        build_faiss_index, encode_images, index_main, load_index, load_student, save_index, search, search_main,
+    )
+
+    cfg_path, job_dir, _, _ = trained
+    ckpt = os.path.join(job_dir, "checkpoint_best.pth")
+    model, processor = load_student(cfg_path, ckpt)
+    cfg = load_config(type("Args", (), {"cfg_path": cfg_path, "options": []})())
+    test = tasks.setup_task(cfg).build_datasets(cfg)["flickr30k"]["test"]
+    paths = [os.path.join(test.vis_root, p) for p in test.image]
+    index = build_faiss_index(encode_images(model, processor, paths, batch_size=5, progress=False))
+    k = 5
+    hits = search(model, index, paths, test.text, k)
+    loader = torch.utils.data.DataLoader(test, batch_size=4, collate_fn=test.collater)
+    _, t2i = model.compute_sim_matrix(loader)
+    for row, found in zip(t2i, hits):
+        assert [paths.index(p) for p, _ in found] == list(np.argsort(-row, kind="stable")[:k])
+        np.testing.assert_allclose([s for _, s in found], np.sort(row)[::-1][:k], rtol=1e-5, atol=1e-5)
+
+    save_index(str(tmp_path / "idx"), index, paths, {"cfg_path": cfg_path, "ckpt": ckpt})
+    index2, paths2, _ = load_index(str(tmp_path / "idx"))
+    assert paths2 == paths and search(model, index2, paths2, test.text, k) == hits
+
+    folder = tmp_path / "gallery"
+    folder.mkdir()
+    for p in paths:
+        os.symlink(p, folder / os.path.basename(p))
+    meta = index_main(["--cfg-path", cfg_path, "--ckpt", ckpt, "--images", str(folder), "--output", str(tmp_path / "cli")])
+    assert meta["count"] == len(paths)
+    right = 0
+    for t, caption in enumerate(test.text):
+        (top, _), *_ = search_main([caption, "--index", str(tmp_path / "cli"), "--k", "1"])
+        right += os.path.basename(top) == os.path.basename(paths[test.txt2img[t]])
+    final_test = [json.loads(line) for line in open(os.path.join(job_dir, "evaluate.txt"))][-1]
+    assert 100.0 * right / len(test.text) == pytest.approx(final_test["img_r1"], abs=1e-9)
+    out = search_main([test.text[0], "--index", str(tmp_path / "cli"), "--k", "3", "--rerank",
+                       "--html", str(tmp_path / "r.html")])
+    assert len(out) == 3 and out == sorted(out, key=lambda x: -x[1])  # teacher probabilities, best first
+    assert all(0.0 <= s <= 1.0 for _, s in out)
+    page = open(tmp_path / "r.html").read()
+    assert page.count("<img ") == 3 and "score" in page
+
+
+def test_index_kinds_and_errors(tmp_path):
+    import numpy as np
+
+    from lavis_cprd.serving import build_faiss_index, list_images, load_index
+
+    x = np.random.default_rng(0).normal(size=(200, 16)).astype("float32")
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    exact = build_faiss_index(x, "flat").search(x[:10], 1)[1]
+    for kind in ("ivf", "hnsw"):  # approximate, but each vector finds itself
+        assert (build_faiss_index(x, kind).search(x[:10], 1)[1] == exact).all()
+    with pytest.raises(ValueError, match=r"--index 'lsh' is not one of \['flat', 'ivf', 'hnsw'\]"):
+        build_faiss_index(x, "lsh")
+    with pytest.raises(FileNotFoundError, match="no image files"):
+        list_images(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no index.faiss there; build it with `lavis-cprd index`"):
+        load_index(str(tmp_path))
