@@ -171,6 +171,14 @@ class DistillConfig:
         return "blip_feature_extractor" if self.teacher_kind == "dual" else "blip_image_text_matching"
 
     @property
+    def uses_teacher_positive(self) -> bool:
+        """Whether the loss reads the teacher's score of the positive pair: CPRD only to drop
+        negatives scored above it, ListMLE never. Otherwise those pairs are not scored."""
+        if self.loss == "cprd":
+            return bool(self.drop_above_positive)
+        return self.loss != "listmle_full"
+
+    @property
     def needs_teacher(self) -> bool:
         return self.loss != "none"
 

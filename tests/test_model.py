@@ -127,6 +127,20 @@ def test_teacher_scores_each_distinct_pair_once(batch):
     assert len(pairs) == 40 + 8
 
 
+@pytest.mark.parametrize("loss,drop,positives", [("cprd", False, False), ("cprd", True, True),
+                                                  ("listmle_full", False, False), ("loopitr", False, True)])
+def test_positive_pairs_are_scored_only_when_the_loss_reads_them(batch, loss, drop, positives):
+    torch.manual_seed(0)
+    m = CprdDualEncoder.from_config(tiny_model_cfg(loss=loss, num_hard_negatives=3, drop_above_positive=drop)).eval()
+    calls, score = [], m.teacher.logit
+    m.teacher.logit = lambda images, captions, pairs: calls.append(pairs.clone()) or score(images, captions, pairs)
+    out = m(batch)
+    ids = batch["image_id"]
+    positive = {(i, t) for i, t in torch.cat(calls).tolist() if ids[i] == ids[t]}
+    assert positive == ({(i, i) for i in range(len(ids))} if positives else set())
+    assert torch.isfinite(out.loss_distill)
+
+
 def test_gradients_reach_both_towers_and_temperature(model, batch):
     model.zero_grad()
     model(batch).loss.backward()

@@ -79,7 +79,7 @@ def test_cached_pairs_hold_the_teachers_logits(setup):
     assert not miss.any()
 
 
-@pytest.mark.parametrize("top_m", [100, 1])
+@pytest.mark.parametrize("top_m", [100, 8])
 def test_cache_gives_the_online_loss(setup, top_m, monkeypatch):
     _, dataset, model, work = setup
     out_dir = work / f"m{top_m}"

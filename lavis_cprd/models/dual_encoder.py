@@ -232,6 +232,9 @@ class CprdDualEncoder(BlipBase):
 
         # One teacher call over the gathered batch; pairs are (image, caption) global indices.
         q_i, q_t = image_queries + offset, local + offset
+        # Positive pairs are scored only when the loss reads them (a fifth of the pairs at K = 4).
+        pos_i = None if cfg.uses_teacher_positive else torch.zeros_like(q_i.view(-1, 1), dtype=torch.bool)
+        pos_t = None if cfg.uses_teacher_positive else torch.zeros_like(q_t.view(-1, 1), dtype=torch.bool)
         z_i2t, z_t2i, z_pos_i, z_pos_t = self._teacher_logits(
             dist.gather_no_grad(image),
             dist.gather_strings(captions),
@@ -239,8 +242,8 @@ class CprdDualEncoder(BlipBase):
             [
                 (q_i.view(-1, 1).expand_as(neg_texts), neg_texts, mask_texts),  # image query, negative text
                 (neg_images, q_t.view(-1, 1).expand_as(neg_images), mask_images),  # negative image, text query
-                (q_i.view(-1, 1), q_i.view(-1, 1), None),  # each image query with its own caption
-                (q_t.view(-1, 1), q_t.view(-1, 1), None),  # each text query with its own image
+                (q_i.view(-1, 1), q_i.view(-1, 1), pos_i),  # each image query with its own caption
+                (q_t.view(-1, 1), q_t.view(-1, 1), pos_t),  # each text query with its own image
             ],
         )
         temp = self.temp.detach() if cfg.detach_temperature else self.temp

@@ -1,0 +1,112 @@
+"""Training-step cost: CPRD vs ITC-only (our student) vs LAVIS ``blip_retrieval``'s own
+training step (ITC with momentum encoders and queues + ITM on hard negatives), at equal batch
+size and equal tower sizes.
+
+    python bench/train_step.py [--batch-size 32] [--k 4] [--steps 8] [--json out.json]
+
+Random weights and pixels; the CPRD teacher is a BLIP ITM head with the same towers. Variants
+take turns step by step (forward, backward, AdamW step) so machine-load drift hits them alike;
+times are medians. Peak memory: the largest resident-set rise during one of the variant's
+steps (Linux ``VmHWM`` reset through ``/proc/self/clear_refs``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from omegaconf import OmegaConf  # noqa: E402
+
+import lavis_cprd  # noqa: E402,F401
+from bench.retrieval import WORDS, measure, tower_sizes  # noqa: E402
+from bench.teacher_cost import full_cache  # noqa: E402
+from lavis_cprd.models.blip_retrieval import CprdBlipRetrieval  # noqa: E402
+from lavis_cprd.models.dual_encoder import CprdDualEncoder  # noqa: E402
+
+
+def make_batch(n: int, size: int):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.arange(n)
+    picks = torch.randint(len(WORDS), (n, 7), generator=g).tolist()
+    return {"image": torch.randn(n, 3, size, size, generator=g), "image_id": ids,
+            "text_input": [" ".join(WORDS[i] for i in row) for row in picks],
+            "epoch": 0, "iters": 0, "num_iters_per_epoch": 100}
+
+
+def student(sizes: dict, loss: str, k: int) -> CprdDualEncoder:
+    cfg = OmegaConf.merge(OmegaConf.load(CprdDualEncoder.default_config_path("tiny")).model, sizes)
+    cfg.distill.loss = loss
+    cfg.distill.num_hard_negatives = k
+    tower_keys = ("vit_type", "vit_patch_size", "vit_width", "vit_depth", "vit_heads", "text_width", "text_depth",
+                  "text_heads", "embed_dim", "image_size")
+    cfg.distill.teacher.model = {key: sizes[key] for key in tower_keys}  # the teacher: same towers + cross-attention
+    return CprdDualEncoder.from_config(cfg).train()
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--k", type=int, default=4, help="CPRD hard negatives per query")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    sizes = tower_sizes()
+    lavis_cfg = OmegaConf.load(CprdBlipRetrieval.default_config_path("tiny")).model
+    lavis_cfg.queue_size = max(int(lavis_cfg.queue_size) // args.batch_size, 1) * args.batch_size
+    batch = make_batch(args.batch_size, int(sizes["image_size"]))
+    cached = student(sizes, "cprd", args.k)
+    cached._teacher_cache = full_cache(cached, batch)  # every pair of the batch: hit rate 1.0
+    cached.distill.teacher_cache = "in-memory"
+    models = {
+        "ITC only (student)": student(sizes, "none", args.k),
+        f"CPRD, K={args.k}, online teacher": student(sizes, "cprd", args.k),
+        f"CPRD, K={args.k}, cached teacher scores": cached,
+        "LAVIS blip_retrieval step": CprdBlipRetrieval.from_config(lavis_cfg).train(),
+    }
+    optimizers = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5) for n, m in models.items()}
+    times = {n: [] for n in models}
+    peaks = {n: 0 for n in models}
+
+    def step(name):
+        loss = models[name](batch)["loss"]
+        loss.backward()
+        optimizers[name].step()
+        optimizers[name].zero_grad(set_to_none=True)
+
+    for i in range(args.warmup + args.steps):
+        for name in models:
+            _, t, m = measure(lambda: step(name))
+            if i >= args.warmup:
+                times[name].append(t)
+                peaks[name] = max(peaks[name], m)
+    med = {n: statistics.median(t) for n, t in times.items()}
+    itc = med["ITC only (student)"]
+    print(f"Training step, batch {args.batch_size}, towers ViT/BERT {sizes['vit_depth']}x{sizes['vit_width']}, "
+          f"{sizes['image_size']} px, {torch.get_num_threads()} threads, median of {args.steps} steps")
+    print("| variant | s/step | x ITC only | peak MB rise in a step |")
+    print("|---|---|---|---|")
+    for name in models:
+        print(f"| {name} | {med[name]:.3f} | {med[name] / itc:.2f} | {peaks[name] / 2**20:.0f} |")
+    lavis = "LAVIS blip_retrieval step"
+    result = {"batch_size": args.batch_size, "k": args.k, "median_s": med, "peak_bytes": peaks}
+    for name in (n for n in models if n.startswith("CPRD")):
+        print(f"{name}: / ITC only {med[name] / itc:.2f} (goal <= 1.3), / LAVIS BLIP step {med[name] / med[lavis]:.2f} "
+              "(goal < 1)")
+        result[name] = {"over_itc": med[name] / itc, "over_lavis": med[name] / med[lavis]}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
