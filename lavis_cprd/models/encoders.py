@@ -43,15 +43,21 @@ def build_vision_encoder(cfg) -> VisionTransformerEncoder:
     return encoder
 
 
-def text_config(cfg, cross_attention: bool, encoder_width: int) -> BertConfig:
-    config = BertConfig.from_json_file(get_abs_path(cfg.get("med_config_path", DEFAULT_MED_CONFIG)))
-    if cfg.get("text_width") is not None:
-        config.hidden_size = int(cfg.text_width)
+def resize_bert(config, cfg, prefix: str):
+    """``{prefix}_width`` (hidden size, with a 4x MLP), ``{prefix}_depth`` and
+    ``{prefix}_heads`` overrides of a BERT config, in place (any BERT config class)."""
+    if cfg.get(f"{prefix}_width") is not None:
+        config.hidden_size = int(cfg[f"{prefix}_width"])
         config.intermediate_size = 4 * config.hidden_size
-    if cfg.get("text_depth") is not None:
-        config.num_hidden_layers = int(cfg.text_depth)
-    if cfg.get("text_heads") is not None:
-        config.num_attention_heads = int(cfg.text_heads)
+    if cfg.get(f"{prefix}_depth") is not None:
+        config.num_hidden_layers = int(cfg[f"{prefix}_depth"])
+    if cfg.get(f"{prefix}_heads") is not None:
+        config.num_attention_heads = int(cfg[f"{prefix}_heads"])
+    return config
+
+
+def text_config(cfg, cross_attention: bool, encoder_width: int) -> BertConfig:
+    config = resize_bert(BertConfig.from_json_file(get_abs_path(cfg.get("med_config_path", DEFAULT_MED_CONFIG))), cfg, "text")
     if cfg.get("text_intermediate") is not None:
         config.intermediate_size = int(cfg.text_intermediate)
     if cfg.get("text_dropout") is not None:

@@ -10,6 +10,7 @@ from lavis.models.blip2_models.blip2_image_text_matching import Blip2ITM
 from lavis.models.blip2_models.Qformer import BertConfig, BertLMHeadModel
 from lavis.models.eva_vit import VisionTransformer
 
+from lavis_cprd.models.encoders import resize_bert
 from lavis_cprd.teachers.base import CrossEncoderTeacher, chunks
 from lavis_cprd.teachers.blip_itm import blip_model_config, load_teacher_weights
 from lavis_cprd.teachers.registry import register_teacher
@@ -21,14 +22,7 @@ LAVIS_VITS = ("eva_clip_g", "clip_L")
 def _qformer_config(mcfg, vision_width: int, num_query_token: int) -> BertConfig:
     """The Q-Former's BERT config: bert-base-uncased's (``BertConfig()`` defaults are exactly
     that), resized by ``qformer_width/qformer_depth/qformer_heads`` for tiny configs."""
-    config = BertConfig()
-    if mcfg.get("qformer_width") is not None:
-        config.hidden_size = int(mcfg.qformer_width)
-        config.intermediate_size = 4 * config.hidden_size
-    if mcfg.get("qformer_depth") is not None:
-        config.num_hidden_layers = int(mcfg.qformer_depth)
-    if mcfg.get("qformer_heads") is not None:
-        config.num_attention_heads = int(mcfg.qformer_heads)
+    config = resize_bert(BertConfig(), mcfg, "qformer")
     config.encoder_width = vision_width
     config.add_cross_attention = True
     config.cross_attention_freq = int(mcfg.get("cross_attention_freq", 2))

