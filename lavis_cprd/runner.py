@@ -62,6 +62,14 @@ class CprdRunner(RunnerBase):
                 self._wrapped_model = self._model
         return self._wrapped_model
 
+    @property
+    def scaler(self):
+        """LAVIS's fp16 gradient scaler under ``run.amp``; none for ``run.amp_dtype: bf16``
+        (bfloat16 has float32's range: nothing underflows), where the task autocasts itself."""
+        if self.config.run_cfg.get("amp_dtype", "fp16") == "bf16":
+            return None
+        return super().scaler
+
     def create_loaders(self, *args, **kwargs):
         with contextlib.ExitStack() as stack:
             if not self.cuda_enabled:

@@ -5,7 +5,7 @@ import contextlib
 import logging
 import os
 from collections import defaultdict
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from lavis.common.dist_utils import get_world_size
@@ -37,6 +37,7 @@ class CprdRetrievalTask(RetrievalTask):
         self.skip_nonfinite_loss = bool(cfg.get("skip_nonfinite_loss", False)) if cfg is not None else False
         self.skipped_steps = 0
         self._skip_update = False
+        self.autocast_dtype = autocast_dtype(cfg)
 
     # ----------------------------------------------------------------- building
     def build_datasets(self, cfg):
@@ -71,7 +72,11 @@ class CprdRetrievalTask(RetrievalTask):
 
     # ----------------------------------------------------------------- training
     def train_step(self, model, samples):
-        output = model(samples)
+        if self.autocast_dtype is None:
+            output = model(samples)
+        else:  # bf16: LAVIS's own autocast is CUDA fp16 only
+            with torch.autocast(device_type=samples["image"].device.type, dtype=self.autocast_dtype):
+                output = model(samples)
         bad = nonfinite_terms(output)
         if _any_rank(bool(bad)):  # every rank takes the same branch, or DDP would hang
             return self._nonfinite(model, samples, output, bad)
@@ -115,6 +120,22 @@ class CprdRetrievalTask(RetrievalTask):
             stats[term] = "{:.4f}".format(sum(values) / len(values))
         logging.info("Epoch means: %s", {k: stats[k] for k in self._epoch_terms})
         return stats
+
+
+AMP_DTYPES = ("fp16", "bf16")
+
+
+def autocast_dtype(run_cfg) -> Optional[torch.dtype]:
+    """Mixed precision of the training forward. ``run.amp: true`` with ``run.amp_dtype: fp16``
+    (the default) is LAVIS's own CUDA fp16 autocast with a gradient scaler; ``bf16`` autocasts
+    to bfloat16 on any device (CPU included) and needs no scaler. Returns the dtype the task
+    autocasts to itself (bf16), None when LAVIS handles it or mixed precision is off."""
+    if run_cfg is None:
+        return None
+    dtype = str(run_cfg.get("amp_dtype", "fp16"))
+    if dtype not in AMP_DTYPES:
+        raise ValueError(f"run.amp_dtype={dtype!r} is not one of {list(AMP_DTYPES)}")
+    return torch.bfloat16 if bool(run_cfg.get("amp", False)) and dtype == "bf16" else None
 
 
 def _terms(output) -> Dict[str, torch.Tensor]:

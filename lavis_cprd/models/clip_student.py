@@ -102,6 +102,8 @@ class CprdClipDualEncoder(CprdDualEncoder):
             temp = float(torch.exp(-clip.logit_scale.detach()))
         self._init_training(embed_dim, temp, distill, tokenizer_path)
 
+    compiled_methods = ("encode_image", "encode_text")  # CLIP's text tower takes token ids already
+
     @classmethod
     def caption_tokenizer(cls, cfg):
         return None  # CLIP's byte-level BPE: every caption has known tokens
@@ -132,4 +134,5 @@ class CprdClipDualEncoder(CprdDualEncoder):
             model.load_checkpoint(cfg.finetuned)
         elif not clip_cfg.get("pretrained", "openai"):
             logging.info("cprd_clip_dual_encoder: no CLIP weights configured, randomly initialised")
+        model.compile_encoders(cfg.get("compile", False))
         return model

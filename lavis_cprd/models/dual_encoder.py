@@ -6,7 +6,8 @@ import os
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import List, Optional, Tuple
+from types import SimpleNamespace
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -116,8 +117,29 @@ class CprdDualEncoder(BlipBase):
 
     def encode_text(self, text) -> torch.Tensor:
         """Unit text embeddings ``t`` ``[N, D]`` from tokenized captions."""
-        out = self.text_encoder.forward_text(text)
+        return self._embed_tokens(text.input_ids, text.attention_mask)
+
+    def _embed_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # Tensors in, tensor out: what ``model.compile`` compiles (a tokenizer's BatchEncoding
+        # would break the graph).
+        out = self.text_encoder.forward_text(SimpleNamespace(input_ids=input_ids, attention_mask=attention_mask))
         return F.normalize(self.text_proj(out.last_hidden_state[:, 0, :]), dim=-1)
+
+    # Methods ``model.compile`` replaces by compiled versions: pixels or token ids in, unit
+    # embeddings out. Mining, the teacher and the losses stay eager (their pair counts vary
+    # from step to step, and they are a small share of the step).
+    compiled_methods: Tuple[str, ...] = ("encode_image", "_embed_tokens")
+
+    def compile_encoders(self, spec) -> None:
+        """``model.compile``: ``true`` (inductor, default mode) or a mapping of
+        ``torch.compile`` arguments ``{backend, mode, dynamic, fullgraph}``. The compiled
+        functions live beside the modules, so ``state_dict`` keys (checkpoints) are unchanged."""
+        options = compile_options(spec)
+        if options is None:
+            return
+        for name in self.compiled_methods:
+            setattr(self, name, torch.compile(getattr(self, name), **options))
+        logging.info("model.compile: %s compiled with %s", ", ".join(self.compiled_methods), options)
 
     # ------------------------------------------------------------------ teacher
     @property
@@ -353,7 +375,31 @@ class CprdDualEncoder(BlipBase):
             model.load_from_pretrained(cfg.pretrained)
         else:
             logging.info("cprd_dual_encoder: no checkpoint configured, weights are randomly initialised")
+        model.compile_encoders(cfg.get("compile", False))
         return model
+
+
+COMPILE_OPTIONS = ("backend", "mode", "dynamic", "fullgraph")
+
+
+def compile_options(spec) -> Optional[Dict[str, Any]]:
+    """``torch.compile`` keyword arguments from ``model.compile`` (None: do not compile)."""
+    if spec is None or spec is False:
+        return None
+    if spec is True:
+        return {}
+    if not hasattr(spec, "items"):
+        raise ValueError(f"model.compile must be true, false or a mapping of {list(COMPILE_OPTIONS)}, got {spec!r}")
+    options = {str(k): v for k, v in spec.items()}
+    unknown = sorted(set(options) - set(COMPILE_OPTIONS))
+    if unknown:
+        raise ValueError(f"model.compile has unknown keys {unknown}; valid keys: {list(COMPILE_OPTIONS)}")
+    backend = options.get("backend", "inductor")
+    if not callable(backend) and backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ValueError(
+            f"model.compile.backend={backend!r} is not one of {torch._dynamo.list_backends(exclude_tags=())}"
+        )
+    return options
 
 
 @torch.no_grad()
