@@ -42,6 +42,43 @@ def tower_sizes() -> dict:
     return {k: cfg[k] for k in keys}
 
 
+TOWER_KEYS = ("vit_type", "vit_patch_size", "vit_width", "vit_depth", "vit_heads", "text_width", "text_depth",
+              "text_heads", "embed_dim", "image_size")
+
+
+def student_config(size: str, loss: str, k: int, teacher_precision: str = "fp32"):
+    """A ``cprd_dual_encoder`` config with random weights. ``tiny``: ``tower_sizes()`` for the
+    student and for its BLIP ITM teacher (the same towers plus cross-attention); ``base``:
+    BLIP-base (ViT-B/16, 384 px, BERT-base) for both, as the paper's BLIP-base setting."""
+    from omegaconf import OmegaConf
+
+    from lavis_cprd.models.dual_encoder import CprdDualEncoder
+
+    if size == "tiny":
+        sizes = tower_sizes()
+        cfg = OmegaConf.merge(OmegaConf.load(CprdDualEncoder.default_config_path("tiny")).model, sizes)
+        cfg.distill.teacher.model = {key: sizes[key] for key in TOWER_KEYS}
+    elif size == "base":
+        cfg = OmegaConf.load(CprdDualEncoder.default_config_path("base")).model
+        cfg.pretrained = None
+        cfg.vit_grad_ckpt = False
+        cfg.distill.teacher.model = {"image_size": 384}
+    else:
+        raise ValueError(f"size={size!r} is not one of ['tiny', 'base']")
+    cfg.tokenizer_path = TOKENIZER
+    cfg.distill.loss = loss
+    cfg.distill.num_hard_negatives = k
+    cfg.distill.start_epoch = 0
+    cfg.distill.teacher.checkpoint = ""
+    cfg.distill.teacher.precision = teacher_precision
+    return cfg
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _vm(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

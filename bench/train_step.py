@@ -24,20 +24,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from omegaconf import OmegaConf  # noqa: E402
 
 import lavis_cprd  # noqa: E402,F401
-from bench.common import make_batch, measure, tower_sizes, write_json  # noqa: E402
+from bench.common import make_batch, measure, student_config, tower_sizes, write_json  # noqa: E402
 from bench.teacher_cost import full_cache  # noqa: E402
 from lavis_cprd.models.blip_retrieval import CprdBlipRetrieval  # noqa: E402
 from lavis_cprd.models.dual_encoder import CprdDualEncoder  # noqa: E402
 
 
-def student(sizes: dict, loss: str, k: int) -> CprdDualEncoder:
-    cfg = OmegaConf.merge(OmegaConf.load(CprdDualEncoder.default_config_path("tiny")).model, sizes)
-    cfg.distill.loss = loss
-    cfg.distill.num_hard_negatives = k
-    tower_keys = ("vit_type", "vit_patch_size", "vit_width", "vit_depth", "vit_heads", "text_width", "text_depth",
-                  "text_heads", "embed_dim", "image_size")
-    cfg.distill.teacher.model = {key: sizes[key] for key in tower_keys}  # the teacher: same towers + cross-attention
-    return CprdDualEncoder.from_config(cfg).train()
+def student(loss: str, k: int) -> CprdDualEncoder:
+    return CprdDualEncoder.from_config(student_config("tiny", loss, k)).train()  # teacher: same towers + cross-attention
 
 
 def main(argv=None) -> dict:
@@ -53,12 +47,12 @@ def main(argv=None) -> dict:
     lavis_cfg = OmegaConf.load(CprdBlipRetrieval.default_config_path("tiny")).model
     lavis_cfg.queue_size = max(int(lavis_cfg.queue_size) // args.batch_size, 1) * args.batch_size
     batch = make_batch(args.batch_size, int(sizes["image_size"]))
-    cached = student(sizes, "cprd", args.k)
+    cached = student("cprd", args.k)
     cached._teacher_cache = full_cache(cached, batch)  # every pair of the batch: hit rate 1.0
     cached.distill.teacher_cache = "in-memory"
     models = {
-        "ITC only (student)": student(sizes, "none", args.k),
-        f"CPRD, K={args.k}, online teacher": student(sizes, "cprd", args.k),
+        "ITC only (student)": student("none", args.k),
+        f"CPRD, K={args.k}, online teacher": student("cprd", args.k),
         f"CPRD, K={args.k}, cached teacher scores": cached,
         "LAVIS blip_retrieval step": CprdBlipRetrieval.from_config(lavis_cfg).train(),
     }

@@ -84,7 +84,7 @@ class CprdRetrievalTask(RetrievalTask):
         for term in _LOGGED_TERMS:
             value = output.get(term) if hasattr(output, "get") else None
             if value is not None:
-                self._epoch_terms[term].append(float(value))
+                self._epoch_terms[term].append(float(value.detach()))
         return output["loss"]
 
     def _nonfinite(self, model, samples, output, bad: List[str]):

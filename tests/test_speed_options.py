@@ -130,3 +130,46 @@ def test_vit_gradient_checkpointing_keeps_gradients_and_keys(batch):
     torch.testing.assert_close(out_c["loss"], out_p["loss"])
     for name in grads_p:
         torch.testing.assert_close(grads_c[name], grads_p[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _runner_with(model, **run_cfg):
+    """A ``CprdRunner`` holding ``model`` and a run config, without building datasets."""
+    runner = CprdRunner.__new__(CprdRunner)
+    cfg = {"init_lr": 1e-3, "weight_decay": 0.05, **run_cfg}
+    runner.config = SimpleNamespace(run_cfg=OmegaConf.create(cfg))
+    runner._optimizer, runner._wrapped_model, runner._model = None, model, model
+    return runner
+
+
+@pytest.mark.parametrize("impl,flags", [(None, {"fused": True}), ("foreach", {"foreach": True, "fused": None}),
+                                        ("loop", {"foreach": False, "fused": None})])
+def test_optimizer_is_lavis_adamw_run_by_the_chosen_implementation(impl, flags):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    model[1].weight.requires_grad_(False)
+    optimizer = _runner_with(model, **({"adamw_impl": impl} if impl else {})).optimizer
+    assert type(optimizer) is torch.optim.AdamW
+    for group in optimizer.param_groups:
+        assert {k: group[k] for k in flags} == flags
+    # LAVIS's groups: matrices decayed; biases and norms not; frozen weights left out.
+    decayed, plain = optimizer.param_groups
+    assert [p is model[0].weight for p in decayed["params"]] == [True] and decayed["weight_decay"] == 0.05
+    assert {id(p) for p in plain["params"]} == {id(model[0].bias), id(model[1].bias)} and plain["weight_decay"] == 0
+
+    # Every implementation takes the same AdamW step (to float rounding): one step by hand.
+    x = torch.randn(5, 4)
+    model(x).square().sum().backward()
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    grads = {id(p): p.grad.clone() for p in model.parameters() if p.grad is not None}
+    optimizer.step()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            g, lr, wd = grads[id(p)], group["lr"], group["weight_decay"]
+            m_hat, v_hat = g, g * g  # first step: bias-corrected moments are g and g^2
+            expected = before[id(p)] * (1 - lr * wd) - lr * m_hat / (v_hat.sqrt() + group["eps"])
+            torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_adamw_impl_error_lists_choices():
+    with pytest.raises(ValueError, match=r"run.adamw_impl='apex' is not one of \['fused', 'foreach', 'loop'\]"):
+        _runner_with(torch.nn.Linear(2, 2), adamw_impl="apex").optimizer
