@@ -204,7 +204,7 @@ def main(argv=None) -> dict:
     print(f"| variant | s/step | samples/s | x {first} | peak MB | warm-up s ({args.warmup} steps) |")
     print("|---|---|---|---|---|---|")
     for name in variants:
-        print(f"| {name} | {med[name]:.3f} | {args.batch_size / med[name]:.0f} | {med[name] / med[first]:.2f} | "
+        print(f"| {name} | {med[name]:.3f} | {args.batch_size / med[name]:.1f} | {med[name] / med[first]:.2f} | "
               f"{peaks[name] / 2**20:.0f} | {warm[name]:.1f} |")
 
     chosen = args.breakdown or list(variants)[-1]

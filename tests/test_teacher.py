@@ -48,6 +48,26 @@ def test_each_image_encoded_once(teacher, batch, monkeypatch):
     assert sum(calls) == 3
 
 
+def test_cross_attention_keys_and_values_projected_once_per_image_in_a_chunk(teacher, batch):
+    layers = [m for n, m in teacher.model.text_encoder.named_modules() if n.endswith("crossattention.self.key")]
+    assert len(layers) == teacher.model.text_encoder.config.num_hidden_layers and teacher.shares_image_projections
+    rows = []
+    handle = layers[0].register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    images, captions = batch["image"], batch["text_input"]
+    pairs = torch.cartesian_prod(torch.tensor([0, 2, 4]), torch.arange(8))  # 3 images x 8 captions
+    pairs = pairs[torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0))]
+    teacher.batch_size = 8
+    try:
+        got = teacher.logit(images, captions, pairs)
+    finally:
+        teacher.batch_size, _ = 256, handle.remove()
+    assert rows == [1, 1, 1]  # pairs grouped by image: one image per chunk of 8, projected once
+    itm = BlipITM.forward(
+        teacher.model, {"image": images[pairs[:, 0]], "text_input": [captions[j] for j in pairs[:, 1]]}, match_head="itm"
+    )
+    torch.testing.assert_close(got, itm[:, 1] - itm[:, 0], rtol=1e-4, atol=1e-5)  # in the callers' pair order
+
+
 def test_teacher_is_frozen_and_in_eval_mode(teacher, batch):
     teacher.model.train()
     teacher.score(batch["image"], batch["text_input"], torch.tensor([[0, 0]]))
