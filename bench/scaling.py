@@ -60,7 +60,7 @@ def main(argv=None) -> dict:
     px = int(sizes["image_size"])
     out: dict = {}
 
-    model = student(sizes, "cprd", 4)
+    model = student("cprd", 4)
     by_batch = [step_time(model, make_batch(b, px), args.steps) for b in args.batch_sizes]
     print("| CPRD step, K = 4 | " + " | ".join(f"batch {b}" for b in args.batch_sizes) + " | exponent |")
     print("|---|" + "---|" * (len(args.batch_sizes) + 1))

@@ -68,7 +68,7 @@ class BlipITMTeacher(CrossEncoderTeacher):
     caption it is paired with; each distinct caption is tokenized once. The cross-attention
     keys and values, which depend on the image only, are projected once per distinct image of
     a chunk (pairs are grouped by image) and gathered for its pairs: at BLIP-base sizes those
-    projections of 577 patch features would otherwise cost four times the rest of a pair.
+    projections of 577 patch features would otherwise cost eight times the rest of a pair.
     """
 
     model: BlipITM
