@@ -11,7 +11,7 @@ from typing import List, Optional
 
 from lavis.common.dist_utils import is_main_process
 
-from lavis_cprd.launch import build_runner, make_parser
+from lavis_cprd.launch import build_runner, make_parser, shutdown_distributed
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
@@ -22,12 +22,17 @@ def main(argv: Optional[List[str]] = None) -> dict:
         if not os.path.isfile(args.ckpt):
             raise FileNotFoundError(f"--ckpt {args.ckpt!r} does not exist")
         args.options += ["model.load_finetuned=True", f"model.finetuned={os.path.abspath(args.ckpt)}"]
-    runner = build_runner(args, evaluate_only=True)
-    results = runner.evaluate(skip_reload=True) or {}
-    if is_main_process():
-        with open(os.path.join(runner.output_dir, "metrics.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        print(json.dumps(results, indent=2))
+    completed = False
+    try:
+        runner = build_runner(args, evaluate_only=True)
+        results = runner.evaluate(skip_reload=True) or {}
+        if is_main_process():
+            with open(os.path.join(runner.output_dir, "metrics.json"), "w") as f:
+                json.dump(results, f, indent=2)
+            print(json.dumps(results, indent=2))
+        completed = True
+    finally:
+        shutdown_distributed(completed)
     return results
 
 

@@ -79,6 +79,18 @@ def init_distributed(run_cfg) -> None:
     setup_for_distributed(run_cfg.rank == 0)
 
 
+def shutdown_distributed(completed: bool) -> None:
+    """Leave the process group explicitly. Left to interpreter exit, a gloo group's threads
+    can abort a rank that finished first ("terminate called without an active exception",
+    pytorch/pytorch#190489) and fail a run that succeeded: seen once in CI. After a completed run the ranks first wait for each other;
+    after an error they do not (a peer may be gone)."""
+    if not torch.distributed.is_initialized():
+        return
+    if completed:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def setup_seeds(cfg: Config) -> None:
     seed = int(cfg.run_cfg.get("seed", 42)) + get_rank()
     random.seed(seed)

@@ -79,8 +79,8 @@ class CprdRunner(RunnerBase):
     def optimizer(self):
         """LAVIS's AdamW (its parameter groups, lr, weight decay, betas), run by the
         implementation ``run.adamw_impl`` names: ``fused`` (default; one kernel over all
-        tensors: 5.5 ms vs 17 ms per step for the 5.7M-parameter bench student on 2 CPU cores), ``foreach`` (LAVIS's
-        default) or ``loop``."""
+        tensors: 5.5 ms vs 17 ms per step for the 5.7M-parameter bench student on 2 CPU
+        cores), ``foreach`` (LAVIS's default) or ``loop``."""
         if self._optimizer is None:
             options = adamw_options(self.config.run_cfg)
             with mock.patch.object(torch.optim, "AdamW", functools.partial(_ADAMW, **options)):

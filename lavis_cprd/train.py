@@ -6,12 +6,17 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from lavis_cprd.launch import build_runner, make_parser
+from lavis_cprd.launch import build_runner, make_parser, shutdown_distributed
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = make_parser("Train a lavis-cprd experiment.", resume=True).parse_args(argv)
-    build_runner(args).train()
+    completed = False
+    try:
+        build_runner(args).train()
+        completed = True
+    finally:
+        shutdown_distributed(completed)
 
 
 if __name__ == "__main__":

@@ -128,3 +128,14 @@ def test_torchrun_two_processes_train_and_report_lavis_metrics(retrieval_data, t
     assert len(log) == 2 and all("train_loss_distill" in e for e in log)
     config = open(os.path.join(job, "log.txt")).read()
     assert "\"world_size\": 2" in config and "\"dist_backend\": \"gloo\"" in config
+
+
+def test_shutdown_leaves_the_process_group(tmp_path):
+    from lavis_cprd.launch import shutdown_distributed
+
+    shutdown_distributed(completed=True)  # no group: nothing to do
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    assert torch.distributed.is_initialized()
+    shutdown_distributed(completed=True)
+    assert not torch.distributed.is_initialized()
