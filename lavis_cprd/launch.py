@@ -82,8 +82,8 @@ def init_distributed(run_cfg) -> None:
 def shutdown_distributed(completed: bool) -> None:
     """Leave the process group explicitly. Left to interpreter exit, a gloo group's threads
     can abort a rank that finished first ("terminate called without an active exception",
-    pytorch/pytorch#190489) and fail a run that succeeded: seen once in CI. After a completed run the ranks first wait for each other;
-    after an error they do not (a peer may be gone)."""
+    pytorch/pytorch#190489) and fail a run that succeeded: seen once in CI. After a completed
+    run the ranks first wait for each other; after an error they do not (a peer may be gone)."""
     if not torch.distributed.is_initialized():
         return
     if completed:
