@@ -25,23 +25,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from omegaconf import OmegaConf  # noqa: E402
 
 import lavis_cprd  # noqa: E402,F401
-from bench.common import TOKENIZER, make_batch  # noqa: E402
+from bench.common import TOKENIZER, make_batch, student_config  # noqa: E402
 from lavis_cprd.models.dual_encoder import CprdDualEncoder  # noqa: E402
 from lavis_cprd.teacher_cache import TeacherScoreCache  # noqa: E402
 
 
-
 def model_config(size: str, loss: str, precision: str):
-    if size == "tiny":
-        cfg = OmegaConf.load(CprdDualEncoder.default_config_path("tiny")).model
-    else:  # BLIP ViT-B/16 + BERT-base student and ITM teacher at 384 px, random weights
-        cfg = OmegaConf.load(CprdDualEncoder.default_config_path("base")).model
-        cfg.pretrained = None
-        cfg.vit_grad_ckpt = False
-        cfg.distill.teacher.model = {"image_size": 384}
+    """``base``: BLIP-base student and teacher (``student_config``); ``tiny``: the library's
+    own tiny student (2 x 64) with its tiny teacher."""
+    if size == "base":
+        return student_config("base", loss, 8, precision)
+    cfg = OmegaConf.load(CprdDualEncoder.default_config_path("tiny")).model
     cfg.tokenizer_path = TOKENIZER
     cfg.distill.loss = loss
-    cfg.distill.num_hard_negatives = 8 if size == "base" else 4
+    cfg.distill.num_hard_negatives = 4
     cfg.distill.teacher.checkpoint = ""
     cfg.distill.teacher.precision = precision
     return cfg

@@ -3,12 +3,13 @@ finding the newest readable checkpoint to resume from (``--resume auto``)."""
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import pickle
 import random
 import zipfile
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -20,16 +21,30 @@ class CorruptCheckpointError(RuntimeError):
     """A checkpoint file that cannot be read (truncated by a crash, or not a checkpoint)."""
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename: a reader (or a
-    resume after a crash) sees the old file or the whole new one, never a torn write."""
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temporary file in the same folder, then rename onto ``path``: a
+    reader (or a resume after a crash) sees the old file or the whole new one, never a torn write."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` through :func:`atomic_write`."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_json(obj: Any, path: str) -> None:
+    """``json.dump`` through :func:`atomic_write`."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+
+    atomic_write(path, write)
 
 
 def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from lavis_cprd.checkpoints import atomic_write
 from lavis_cprd.launch import load_config
 from lavis_cprd.reporting import (
     family_chance,
@@ -85,8 +86,7 @@ def train_run(cfg_path: str, options: Sequence[str], run_dir: str) -> str:
     t0 = time.time()
     subprocess.run(cmd, check=True)
     newest = max(glob.glob(os.path.join(jobs, "*", "checkpoint_best.pth")), key=os.path.getmtime)
-    shutil.copyfile(newest, final + ".tmp")
-    os.replace(final + ".tmp", final)  # a half-copied file never looks finished
+    atomic_write(final, lambda tmp: shutil.copyfile(newest, tmp))  # a half-copied file never looks finished
     with open(os.path.join(run_dir, "train_seconds.json"), "w") as f:
         json.dump({"seconds": time.time() - t0}, f)
     return final

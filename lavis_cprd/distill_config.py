@@ -168,7 +168,9 @@ class DistillConfig:
 
     @property
     def default_teacher(self) -> str:
-        return "blip_feature_extractor" if self.teacher_kind == "dual" else "blip_image_text_matching"
+        from lavis_cprd.teachers.registry import DEFAULT_TEACHERS
+
+        return DEFAULT_TEACHERS[self.teacher_kind]
 
     @property
     def uses_teacher_positive(self) -> bool:

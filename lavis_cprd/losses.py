@@ -189,9 +189,6 @@ def margin_mse_loss(student_pos, student_neg, teacher_pos, teacher_neg, candidat
 # vectors); ``a``/``b`` are the two ends of an edge, hats the teacher's nodes of the same
 # modalities. B = batch size.
 # ---------------------------------------------------------------------------------------------
-CONACLIP_NODES = ("S_img", "S_txt", "T_img", "T_txt")
-
-
 def infonce_edge_loss(a: torch.Tensor, b: torch.Tensor, pos: torch.Tensor, temp: float) -> torch.Tensor:
     """Symmetric InfoNCE between the two ends of an edge::
 

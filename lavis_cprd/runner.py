@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 
 from lavis_cprd.checkpoints import BEST, LATEST, PREVIOUS, atomic_save, load_checkpoint, rng_state, set_rng_state
 from lavis_cprd.sampling import GroupedBatchSampler
+from lavis_cprd.tasks import autocast_dtype
 
 
 _ADAMW = torch.optim.AdamW
@@ -91,7 +92,7 @@ class CprdRunner(RunnerBase):
     def scaler(self):
         """LAVIS's fp16 gradient scaler under ``run.amp``; none for ``run.amp_dtype: bf16``
         (bfloat16 has float32's range: nothing underflows), where the task autocasts itself."""
-        if self.config.run_cfg.get("amp_dtype", "fp16") == "bf16":
+        if autocast_dtype(self.config.run_cfg) is not None:
             return None
         return super().scaler
 

@@ -55,10 +55,10 @@ def build_faiss_index(embeddings: np.ndarray, kind: str = "flat", nlist: int = 0
 def save_index(folder: str, index, paths: Sequence[str], meta: dict) -> None:
     import faiss
 
+    from lavis_cprd.checkpoints import atomic_write
+
     os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, "index.faiss.tmp")
-    faiss.write_index(index, tmp)
-    os.replace(tmp, os.path.join(folder, "index.faiss"))
+    atomic_write(os.path.join(folder, "index.faiss"), lambda tmp: faiss.write_index(index, tmp))
     with open(os.path.join(folder, "paths.json"), "w") as f:
         json.dump(list(paths), f)
     with open(os.path.join(folder, "meta.json"), "w") as f:

@@ -29,25 +29,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from lavis_cprd.checkpoints import atomic_json, atomic_save
+
 CACHE_VERSION = 1
 MANIFEST, CAPTIONS, EMBEDDINGS = "manifest.json", "captions.json", "embeddings.pt"
 
 
 def shard_path(root: str, index: int) -> str:
     return os.path.join(root, f"shard_{index:05d}.pt")
-
-
-def _atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # readers see the old file or the whole new one, never a part
-
-
-def _atomic_json(obj, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- reading
@@ -233,8 +222,8 @@ def build_teacher_cache(
             "choose a new --output, or delete it to rebuild"
         )
     if old is None:
-        _atomic_json(items.captions, os.path.join(output, CAPTIONS))
-        _atomic_json(manifest, os.path.join(output, MANIFEST))
+        atomic_json(items.captions, os.path.join(output, CAPTIONS))
+        atomic_json(manifest, os.path.join(output, MANIFEST))
 
     todo = [k for k in range(num_shards) if not os.path.isfile(shard_path(output, k))]
     stats = {"shards": num_shards, "computed": len(todo), "skipped": num_shards - len(todo), "pairs": 0}
@@ -247,7 +236,7 @@ def build_teacher_cache(
     else:
         with torch.no_grad():
             emb = _encode(items, encode_images, encode_texts, batch_size, device)
-        _atomic_save(emb, emb_path)
+        atomic_save(emb, emb_path)
 
     t0 = time.time()
     for done, k in enumerate(todo, 1):
@@ -267,7 +256,7 @@ def build_teacher_cache(
             local = torch.stack([local_image, local_caption], 1).to(device)
             logits[sel] = teacher_logit(images, [items.captions[i] for i in chunk_caps.tolist()], local).float().cpu()
         image_ids = torch.tensor(items.images)[pairs[:, 0]]
-        _atomic_save({"image": image_ids, "caption": pairs[:, 1].clone(), "logit": logits}, shard_path(output, k))
+        atomic_save({"image": image_ids, "caption": pairs[:, 1].clone(), "logit": logits}, shard_path(output, k))
         stats["pairs"] += len(pairs)
         elapsed = time.time() - t0
         logging.info(

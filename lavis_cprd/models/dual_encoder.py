@@ -5,7 +5,6 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from functools import partial
 from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -30,7 +29,7 @@ from lavis_cprd.losses import (
     positive_mask,
 )
 from lavis_cprd.mining import all_negatives, first_occurrence_mask, mine_hard_negatives
-from lavis_cprd.models.encoders import build_text_encoder, build_vision_encoder
+from lavis_cprd.models.encoders import blip_image_embeds, blip_text_embeds, build_text_encoder, build_vision_encoder
 from lavis_cprd.teacher_cache import TeacherScoreCache
 from lavis_cprd.teachers import FrozenTeacher, build_teacher, teacher_class
 from lavis_cprd.tokenization import load_blip_tokenizer
@@ -112,8 +111,7 @@ class CprdDualEncoder(BlipBase):
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """Unit image embeddings ``v`` ``[N, D]``."""
-        embeds = self.visual_encoder.forward_features(image)
-        return F.normalize(self.vision_proj(embeds[:, 0, :]), dim=-1)
+        return F.normalize(blip_image_embeds(self, image), dim=-1)
 
     def encode_text(self, text) -> torch.Tensor:
         """Unit text embeddings ``t`` ``[N, D]`` from tokenized captions."""
@@ -418,8 +416,12 @@ def dual_encoder_sim_matrix(model, data_loader, text_batch_size: int = 256) -> T
     rank, world = dist.get_rank(), dist.get_world_size()
     if hasattr(model, "encode_captions"):
         encode_texts, encode_images = model.encode_captions, model.encode_image
-    else:
-        encode_texts, encode_images = partial(_blip_text_features, model), partial(_blip_image_features, model)
+    else:  # BLIP's dual part
+        def encode_texts(captions, device):
+            return F.normalize(blip_text_embeds(model, captions, device), dim=-1)
+
+        def encode_images(image):
+            return F.normalize(blip_image_embeds(model, image), dim=-1)
     texts = data_loader.dataset.text
     mine = range(rank * text_batch_size, len(texts), world * text_batch_size)  # round-robin text batches
     text_parts = {i: encode_texts(list(texts[i : i + text_batch_size]), device).float().cpu() for i in mine}
@@ -456,13 +458,3 @@ def _own_share(data_loader, rank: int, world: int):
         collate_fn=data_loader.collate_fn, pin_memory=data_loader.pin_memory,
     )
 
-
-def _blip_text_features(model, captions, device) -> torch.Tensor:
-    tokens = model.tokenizer(
-        captions, padding="longest", truncation=True, max_length=model.max_txt_len, return_tensors="pt"
-    ).to(device)
-    return F.normalize(model.text_proj(model.text_encoder.forward_text(tokens).last_hidden_state[:, 0, :]), dim=-1)
-
-
-def _blip_image_features(model, image) -> torch.Tensor:
-    return F.normalize(model.vision_proj(model.visual_encoder.forward_features(image)[:, 0, :]), dim=-1)

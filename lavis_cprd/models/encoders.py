@@ -8,6 +8,9 @@ LAVIS's ``VisionTransformerEncoder.from_config`` only knows ``base``/``large``;
 """
 from __future__ import annotations
 
+from typing import List
+
+import torch
 from lavis.common.utils import get_abs_path
 from lavis.models.med import BertConfig, XBertEncoder
 from lavis.models.vit import VisionTransformerEncoder
@@ -41,6 +44,21 @@ def build_vision_encoder(cfg) -> VisionTransformerEncoder:
     )
     encoder.vision_width = width
     return encoder
+
+
+def blip_image_embeds(model, pixels: torch.Tensor) -> torch.Tensor:
+    """BLIP's ITC image embedding (not normalised): ``vision_proj`` of the ViT's [CLS] feature,
+    for any model with BLIP's dual part (``visual_encoder``, ``vision_proj``)."""
+    return model.vision_proj(model.visual_encoder.forward_features(pixels)[:, 0, :])
+
+
+def blip_text_embeds(model, captions: List[str], device: torch.device) -> torch.Tensor:
+    """BLIP's ITC text embedding (not normalised) of raw captions: ``text_proj`` of the text
+    encoder's [CLS] feature (``tokenizer``, ``max_txt_len``, ``text_encoder``, ``text_proj``)."""
+    tokens = model.tokenizer(
+        captions, padding="longest", truncation=True, max_length=model.max_txt_len, return_tensors="pt"
+    ).to(device)
+    return model.text_proj(model.text_encoder.forward_text(tokens).last_hidden_state[:, 0, :])
 
 
 def resize_bert(config, cfg, prefix: str):

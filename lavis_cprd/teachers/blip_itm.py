@@ -131,10 +131,13 @@ class BlipITMTeacher(CrossEncoderTeacher):
             input_ids[:, 0] = model.tokenizer.enc_token_id
 
         # Pairs of one image side by side, so that a chunk holds few distinct images.
-        order = torch.argsort(image_of_pair, stable=True) if self.shares_image_projections else None
+        if self.shares_image_projections:
+            order = torch.argsort(image_of_pair, stable=True)
+        else:
+            order = torch.arange(len(pairs), device=pairs.device)
         logits = []
         for s in chunks(len(pairs), self.batch_size):
-            rows = order[s] if order is not None else torch.arange(s.start, s.stop, device=pairs.device)
+            rows = order[s]
             if self.shares_image_projections:
                 images_here, self._image_of_pair = image_of_pair[rows].unique(return_inverse=True)
             else:
@@ -152,7 +155,4 @@ class BlipITMTeacher(CrossEncoderTeacher):
             finally:
                 self._image_of_pair = None
             logits.append(model.itm_head(out.last_hidden_state[:, 0, :]))
-        logits = torch.cat(logits)
-        if order is None:
-            return logits
-        return logits[torch.argsort(order)]  # back to the callers' pair order
+        return torch.cat(logits)[torch.argsort(order)]  # back to the callers' pair order

@@ -12,7 +12,7 @@ import torch
 from lavis.models.blip_models.blip_feature_extractor import BlipFeatureExtractor
 from omegaconf import OmegaConf
 
-from lavis_cprd.models.encoders import build_text_encoder, build_vision_encoder
+from lavis_cprd.models.encoders import blip_image_embeds, blip_text_embeds, build_text_encoder, build_vision_encoder
 from lavis_cprd.teachers.base import DualEncoderTeacher, match_resolution
 from lavis_cprd.teachers.blip_itm import blip_model_config, load_teacher_weights
 from lavis_cprd.teachers.registry import register_teacher
@@ -28,14 +28,10 @@ class _BlipShapedTeacher(DualEncoderTeacher):
         return int(self.model.visual_encoder.patch_embed.img_size[0])
 
     def _encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        embeds = self.model.visual_encoder.forward_features(match_resolution(images, self.image_size))
-        return self.model.vision_proj(embeds[:, 0, :])
+        return blip_image_embeds(self.model, match_resolution(images, self.image_size))
 
     def _encode_texts(self, captions: List[str], device: torch.device) -> torch.Tensor:
-        tokens = self.model.tokenizer(
-            captions, padding="longest", truncation=True, max_length=self.model.max_txt_len, return_tensors="pt"
-        ).to(device)
-        return self.model.text_proj(self.model.text_encoder.forward_text(tokens).last_hidden_state[:, 0, :])
+        return blip_text_embeds(self.model, captions, device)
 
 
 @register_teacher("blip_feature_extractor")
@@ -125,9 +121,9 @@ class ClipFeatureTeacher(DualEncoderTeacher):
         return cls(model, precision=cfg.get("precision", "fp32"), batch_size=cfg.get("batch_size", 128))
 
     def _encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        size = self.model.visual.image_size
-        size = size[0] if isinstance(size, (tuple, list)) else size
-        return self.model.encode_image(match_resolution(images, int(size)))
+        from lavis_cprd.models.clip_student import clip_image_size
+
+        return self.model.encode_image(match_resolution(images, clip_image_size(self.model)))
 
     def _encode_texts(self, captions: List[str], device: torch.device) -> torch.Tensor:
         return self.model.encode_text(self.model.tokenizer(captions, context_length=self.model.context_length).to(device))

@@ -7,6 +7,8 @@ from lavis_cprd.teachers.base import FrozenTeacher
 
 _TEACHERS: Dict[str, Type[FrozenTeacher]] = {}
 KINDS = {"cross": "cross-encoder", "dual": "dual-encoder"}
+# The adapter a teacher config without ``arch`` gets, by kind.
+DEFAULT_TEACHERS = {"cross": "blip_image_text_matching", "dual": "blip_feature_extractor"}
 
 
 def register_teacher(arch: str) -> Callable[[Type[FrozenTeacher]], Type[FrozenTeacher]]:
@@ -43,5 +45,5 @@ def teacher_class(arch: str, kind: Optional[str] = None) -> Type[FrozenTeacher]:
 
 def build_teacher(cfg, tokenizer_path: Optional[str] = None, kind: Optional[str] = None) -> FrozenTeacher:
     """Build the frozen teacher named by ``cfg.arch`` (a LAVIS model registry name)."""
-    default = "blip_feature_extractor" if kind == "dual" else "blip_image_text_matching"
+    default = DEFAULT_TEACHERS[kind or "cross"]
     return teacher_class(cfg.get("arch", default), kind).from_config(cfg, tokenizer_path=tokenizer_path)
