@@ -1,4 +1,4 @@
-"""``lavis-cprd`` command: ``lavis-cprd train|evaluate|demo|compare|cache-teacher|index|search ...``."""
+"""``lavis-cprd`` command: ``lavis-cprd train|evaluate|demo|compare|diagnose|cache-teacher|index|search ...``."""
 from __future__ import annotations
 
 import sys
@@ -9,6 +9,7 @@ COMMANDS = {
     "evaluate": "lavis_cprd.evaluate",
     "demo": "lavis_cprd.demo",
     "compare": "lavis_cprd.compare",
+    "diagnose": "lavis_cprd.diagnose",
     "cache-teacher": "lavis_cprd.cache_teacher",
     "index": "lavis_cprd.serving:index_main",
     "search": "lavis_cprd.serving:search_main",

@@ -21,7 +21,15 @@ import torch
 
 from lavis_cprd.demo import common_parser, ensure_teacher, eval_split, load_trained, train_run
 from lavis_cprd.distill_config import DISTILL_LOSSES
-from lavis_cprd.reporting import kendall_tau_on_hard_negatives, markdown_table, score_distributions, summarize
+from lavis_cprd.relevance import dataset_relevance, relevance_metrics
+from lavis_cprd.reporting import (
+    best_epoch,
+    kendall_tau_on_hard_negatives,
+    markdown_table,
+    relevance_table,
+    score_distributions,
+    summarize,
+)
 
 log = logging.getLogger("lavis_cprd.compare")
 LABEL_BASELINE = "ITC only (baseline)"
@@ -32,6 +40,12 @@ def parse_args(argv: Optional[List[str]]):
     p.add_argument("--methods", nargs="+", default=list(DISTILL_LOSSES), help="losses to train (default: all)")
     p.add_argument("--weights", type=float, nargs="*", default=[0.5, 2.0], help="extra CPRD weights to sweep")
     p.add_argument("--ks", type=int, nargs="*", default=[2, 8], help="extra CPRD numbers of hard negatives to sweep")
+    p.add_argument("--temperatures", nargs="*", default=[], help="extra CPRD distillation temperatures to sweep "
+                   "(numbers or 'itc')")
+    p.add_argument("--oracle", action="store_true", help="also distil every cross-encoder run from the shapes_oracle "
+                   "teacher (ground truth of cprd_shapes: the upper bound of what a teacher can give)")
+    p.add_argument("--no-trained-teacher", action="store_true", help="with --oracle: only the oracle runs "
+                   "(the trained teacher is still used for the score statistics)")
     args = p.parse_args(argv)
     unknown = sorted(set(args.methods) - set(DISTILL_LOSSES))
     if unknown:
@@ -43,8 +57,12 @@ def parse_args(argv: Optional[List[str]]):
 METHOD_OPTIONS = {"conaclip": ["model.distill.teacher.arch=blip_feature_extractor"]}
 
 
+ORACLE_OPTIONS = ["model.distill.teacher.arch=shapes_oracle"]
+
+
 def plan(args) -> List[Tuple[str, str, List[str]]]:
-    """``(run name, table label, config overrides)`` of every student configuration."""
+    """``(run name, table label, config overrides)`` of every student configuration; with
+    ``--oracle`` each cross-encoder run also with the ``shapes_oracle`` teacher."""
     runs = [
         (m, LABEL_BASELINE if m == "none" else m, [f"model.distill.loss={m}", *METHOD_OPTIONS.get(m, [])])
         for m in args.methods
@@ -52,7 +70,18 @@ def plan(args) -> List[Tuple[str, str, List[str]]]:
     cprd = "model.distill.loss=cprd"
     runs += [(f"cprd_weight{w:g}", f"cprd, weight {w:g}", [cprd, f"model.distill.weight={w}"]) for w in args.weights]
     runs += [(f"cprd_k{k}", f"cprd, K = {k}", [cprd, f"model.distill.num_hard_negatives={k}"]) for k in args.ks]
-    return runs
+    runs += [(f"cprd_temp{t}", f"cprd, temperature {t}", [cprd, f"model.distill.temperature={t}"])
+             for t in args.temperatures]
+    if not getattr(args, "oracle", False):
+        return runs
+    out = []
+    for name, label, options in runs:
+        cross = name != "none" and "model.distill.loss=conaclip" not in options
+        if not (cross and args.no_trained_teacher):
+            out.append((name, label, options))
+        if cross:
+            out.append((f"{name}_oracle", f"{label} (oracle teacher)", [*options, *ORACLE_OPTIONS]))
+    return out
 
 
 def plot_r_mean(rows: List[Dict], path: str) -> None:
@@ -89,13 +118,18 @@ def evaluate(args, out: str, teacher_ckpt: str, ckpts: Dict[str, Dict[int, str]]
     teacher = BlipITMTeacher(load_trained(teacher_ckpt, device))
     k_hard = max(int(cfg.model_cfg.distill.num_hard_negatives), 8)
 
+    truth = dataset_relevance(dataset)
     runs: Dict[str, List[Dict]] = {}
     finding1: Dict[str, Dict] = {}
     tau: Dict[str, float] = {}
     for name, by_seed in ckpts.items():
         for seed in sorted(by_seed):
             i2t, t2i = load_trained(by_seed[seed], device).compute_sim_matrix(loader)
-            runs.setdefault(name, []).append(RetrievalTask._report_metrics(i2t, t2i, dataset.txt2img, dataset.img2txt))
+            metrics = RetrievalTask._report_metrics(i2t, t2i, dataset.txt2img, dataset.img2txt)
+            if truth is not None:
+                metrics.update(relevance_metrics(i2t, truth["true"], truth["annotated"], truth.get("grades"), t2i))
+            metrics["best_epoch"] = best_epoch(by_seed[seed])
+            runs.setdefault(name, []).append(metrics)
             if seed == min(by_seed):  # score statistics and tau on the first seed
                 finding1[name] = {k: v["summary"] for k, v in score_distributions(teacher, images, dataset, i2t, k_hard).items()}
                 tau[name] = kendall_tau_on_hard_negatives(teacher, images, dataset, i2t, k=k_hard)
@@ -155,6 +189,10 @@ def write_report(results: Dict, out: str) -> str:
     seeds = ", ".join(str(s) for s in results.get("seeds", []))
     report = (
         f"Test split, mean ± std over seeds {seeds}:\n\n{markdown_table(results['table'])}\n\n"
+        + (f"Relevance-aware metrics (every true match counted; ranking correlation: Kendall tau of the "
+           f"student's scores with the graded relevance of its 8 hardest negatives), test split:\n\n"
+           f"{relevance_table(results['table'])}\n\n" if "rel_map_at_r" in results["table"][0] else "")
+        +
         f"Gap to the baseline (means over seeds); on the first seed, the order agreement with the "
         f"teacher on the student's hard negatives and the mean scores (finding 1):\n\n{findings_table(results)}\n"
     )

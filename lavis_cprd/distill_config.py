@@ -12,6 +12,9 @@ LOSS_CANDIDATES = {"cprd": "hard", "loopitr": "hard", "margin_mse": "hard", "kl"
 # conaclip is dual-to-dual: no mined candidates, a dual-encoder teacher (``conaclip`` terms).
 DISTILL_LOSSES = ("none", *LOSS_CANDIDATES, "conaclip")
 MINING_SCOPES = ("gathered", "local")
+NORMALIZATIONS = ("contributing", "all")
+# Chosen on the embedded default's val split (README, "Distillation temperature").
+DEFAULT_DISTILL_TEMPERATURE = 0.05
 
 CONACLIP_NODES = ("S_img", "S_txt", "T_img", "T_txt")
 CONACLIP_LOSSES = ("infonce", "fd", "sd", "kl", "sym_sd", "sym_kl")
@@ -77,6 +80,19 @@ class ConaclipTerm:
         return term
 
 
+def parse_temperature(value) -> Any:
+    """``model.distill.temperature``: ``"itc"`` or a positive float."""
+    if isinstance(value, str) and value.strip().lower() == "itc":
+        return "itc"
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        t = None
+    if isinstance(value, bool) or t is None or not t > 0 or t != t or t == float("inf"):
+        raise ValueError(f"model.distill.temperature must be a positive number or 'itc', got {value!r}")
+    return t
+
+
 def _parse_edge(value, where: str) -> Tuple[str, str]:
     nodes = tuple(str(value).split("-")) if value is not None else ()
     if len(nodes) != 2 or any(n not in CONACLIP_NODES for n in nodes):
@@ -99,10 +115,20 @@ class DistillConfig:
     # trained from scratch first needs embeddings whose hard negatives mean something: the
     # paper distils into pre-trained students.
     start_epoch: int = 0
-    # Whether the distillation term leaves the learnable temperature alone (x = s / sg(tau)).
-    # When the student cannot yet reproduce the teacher's order, the ranking loss is lowest
-    # with flat logits, so it pulls tau up; that weakens ITC, which shares tau.
+    # Temperature of the student logits x = s / tau_d in every cross-encoder loss (cprd,
+    # listmle_full, kl, loopitr, margin_mse): a positive float (fixed), or "itc" (the shared
+    # learnable ITC temperature, the formula as first written). ITC drives its temperature to
+    # ~0.003 on a student trained from scratch; at that temperature the ranking term overpowers
+    # ITC and collapses the embedding, even with a perfect teacher (method.md).
+    temperature: Any = DEFAULT_DISTILL_TEMPERATURE
+    # With temperature "itc": whether the distillation term leaves the learnable temperature
+    # alone (x = s / sg(tau)). When the student cannot yet reproduce the teacher's order, the
+    # ranking loss is lowest with flat logits, so it pulls tau up; that weakens ITC.
     detach_temperature: bool = False
+    # What the per-query losses are averaged over: "contributing" queries (those with a term,
+    # e.g. a valid hard negative for CPRD: the paper's mean) or "all" queries of the batch. With
+    # few contributing queries the first gives each of them a large effective weight.
+    normalize: str = "contributing"
     # Temperature T_t of the teacher logits in the KL-style losses (kl, loopitr).
     teacher_temp: float = 1.0
     # Where negatives are mined: the batch gathered over all ranks, or this rank's own part.
@@ -143,6 +169,9 @@ class DistillConfig:
         self.teacher_temp = float(self.teacher_temp)
         if self.mining_scope not in MINING_SCOPES:
             raise ValueError(f"model.distill.mining_scope={self.mining_scope!r} is not one of {list(MINING_SCOPES)}")
+        self.temperature = parse_temperature(self.temperature)
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"model.distill.normalize={self.normalize!r} is not one of {list(NORMALIZATIONS)}")
         self.weight = float(self.weight)
         self.valid_threshold = float(self.valid_threshold)
         if not isinstance(self.conaclip, (list, tuple)) or not self.conaclip:

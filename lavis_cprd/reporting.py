@@ -11,10 +11,17 @@ import torch
 METRICS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
 
 
+# Relevance-aware metrics (``relevance.relevance_metrics``) summarised when present.
+REL_METRICS = ("rel_map_at_r", "i2t_map_at_r", "t2i_map_at_r", "i2t_r_precision", "t2i_r_precision", "rank_tau")
+
+
 def summarize(name: str, runs: List[Dict[str, float]]) -> Dict:
     """Mean and (sample) standard deviation of each metric over runs (seeds)."""
     row: Dict = {"name": name, "n": len(runs)}
-    for m in METRICS:
+    present = [m for m in REL_METRICS if all(m in r for r in runs)]
+    if all("best_epoch" in r for r in runs):
+        row["best_epochs"] = [r["best_epoch"] for r in runs]
+    for m in (*METRICS, *present):
         values = np.array([r[m] for r in runs], dtype=float)
         row[m] = float(values.mean())
         row[m + "_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
@@ -30,6 +37,25 @@ def markdown_table(rows: List[Dict]) -> str:
         ]
         lines.append(f"| {row['name']} | {row['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def relevance_table(rows: List[Dict]) -> str:
+    """LAVIS r_mean next to mAP@R (both directions' mean, then each), R-Precision and the
+    ranking correlation, mean ± std over seeds."""
+    cols = ("r_mean", *REL_METRICS)
+    lines = ["| model | seeds | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    for row in rows:
+        fmt = lambda m: f"{row[m]:.3f} ± {row[m + '_std']:.3f}" if m == "rank_tau" else f"{row[m]:.1f} ± {row[m + '_std']:.1f}"  # noqa: E731
+        lines.append(f"| {row['name']} | {row['n']} | " + " | ".join(fmt(m) if m in row else "—" for m in cols) + " |")
+    return "\n".join(lines)
+
+
+def best_epoch(checkpoint: str):
+    """The epoch a LAVIS runner checkpoint was saved at (for ``checkpoint_best.pth``: the
+    epoch that won on val), or None when it records none."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    epoch = state.get("epoch")
+    return int(epoch) if isinstance(epoch, int) else None
 
 
 def _topk(scores: np.ndarray, k: int) -> np.ndarray:

@@ -151,8 +151,19 @@ class CprdRunner(RunnerBase):
     def eval_epoch(self, split_name, cur_epoch, skip_reload=False):
         log = super().eval_epoch(split_name, cur_epoch, skip_reload=skip_reload)
         if split_name == "val" and isinstance(log, dict) and "agg_metrics" in log:
+            if self._before_distillation(cur_epoch):
+                # The best checkpoint of a distilled run must have seen distillation: epochs
+                # of ITC alone are validated and logged, but never selected.
+                log = {**log, "agg_metrics_before_distillation": log["agg_metrics"], "agg_metrics": float("-inf")}
             self._last_val_agg = float(log["agg_metrics"])
         return log
+
+    def _before_distillation(self, cur_epoch) -> bool:
+        """Whether ``cur_epoch`` is an epoch of ITC alone in a run that distils later."""
+        distill = getattr(self.unwrap_dist_model(self.model), "distill", None)
+        if distill is None or not distill.needs_teacher or not isinstance(cur_epoch, int):
+            return False
+        return cur_epoch < distill.start_epoch < self.max_epoch
 
     def _checkpoint_state(self, cur_epoch: int) -> dict:
         model = self.unwrap_dist_model(self.model)

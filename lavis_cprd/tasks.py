@@ -7,16 +7,22 @@ import os
 from collections import defaultdict
 from typing import Dict, List, Optional
 
+import json
+
 import torch
-from lavis.common.dist_utils import get_world_size
+from lavis.common.dist_utils import get_world_size, is_main_process
 from lavis.common.registry import registry
 from lavis.common.utils import get_cache_path, is_url
 from lavis.tasks.retrieval import RetrievalTask
 
+from omegaconf import open_dict
+
+from lavis_cprd.checkpoints import atomic_write
 from lavis_cprd.datasets.checks import check_split, unknown_only_checker
+from lavis_cprd.relevance import dataset_relevance, relevance_metrics
 
 # Loss terms the model returns next to ``loss``; their epoch means go to log.txt.
-_LOGGED_TERMS = ("loss_itc", "loss_distill", "valid_negatives", "teacher_cache_hit_rate")
+_LOGGED_TERMS = ("loss_itc", "loss_distill", "valid_negatives", "contributing_queries", "teacher_cache_hit_rate")
 
 
 @registry.register_task("cprd_retrieval")
@@ -60,6 +66,7 @@ class CprdRetrievalTask(RetrievalTask):
         return datasets
 
     def build_model(self, cfg):
+        fill_oracle_annotations(cfg)
         model = super().build_model(cfg)
         distill = getattr(model, "distill", None)
         batch = int(cfg.run_cfg.get("batch_size_train", 0)) * get_world_size()
@@ -69,6 +76,37 @@ class CprdRetrievalTask(RetrievalTask):
                 f"the gathered batch size (run.batch_size_train x world size = {batch})"
             )
         return model
+
+    # --------------------------------------------------------------- evaluation
+    def evaluation(self, model, data_loader, **kwargs):
+        """LAVIS's retrieval evaluation (``compute_sim_matrix`` + ``_report_metrics``, its keys
+        and its ``evaluate.txt`` line unchanged), plus the relevance-aware metrics where the
+        dataset records true matches (``relevance.dataset_relevance``), on the main process."""
+        score_i2t, score_t2i = model.compute_sim_matrix(data_loader, task_cfg=self.cfg)
+        if not is_main_process():
+            return None
+        dataset = data_loader.dataset
+        result = self._report_metrics(score_i2t, score_t2i, dataset.txt2img, dataset.img2txt)
+        truth = dataset_relevance(dataset)
+        if truth is not None:
+            rel = relevance_metrics(score_i2t, truth["true"], truth["annotated"], truth.get("grades"), score_t2i)
+            result.update(rel)
+            with open(os.path.join(registry.get_path("output_dir"), "evaluate.txt"), "a") as f:
+                f.write(json.dumps({"relevance": rel}) + "\n")
+        logging.info(result)
+        return result
+
+    def after_evaluation(self, val_result, split_name=None, epoch=None, **kwargs):
+        """Every evaluation's metrics also go to ``output_dir/metrics.json``, keyed by split and epoch."""
+        if val_result is not None and is_main_process():
+            path = os.path.join(registry.get_path("output_dir"), "metrics.json")
+            metrics = {}
+            if os.path.isfile(path):
+                with open(path) as f:
+                    metrics = json.load(f)
+            metrics[f"{split_name}/{epoch}"] = val_result
+            atomic_write(path, lambda tmp: _dump_json(metrics, tmp))
+        return val_result
 
     # ----------------------------------------------------------------- training
     def train_step(self, model, samples):
@@ -200,6 +238,31 @@ def check_annotation_files(name: str, dcfg) -> None:
                 f"datasets.{name}.build_info.annotations.{split}: annotation file {path!r} does not exist"
                 + (f" (and url {url!r} is neither a URL nor a file)" if url else "")
             )
+
+
+def _dump_json(obj, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def fill_oracle_annotations(cfg) -> None:
+    """A ``shapes_oracle`` teacher reads the scene specs of the training annotations it scores:
+    point it at those of the (already built) ``cprd_shapes`` dataset unless it names a file."""
+    distill = cfg.model_cfg.get("distill", None)
+    teacher = distill.get("teacher", None) if distill is not None else None
+    if teacher is None or teacher.get("arch", None) != "shapes_oracle" or teacher.get("annotations", None):
+        return
+    if "cprd_shapes" not in cfg.datasets_cfg:
+        raise ValueError(
+            f"model.distill.teacher.arch=shapes_oracle reads cprd_shapes scene specs, but the datasets are "
+            f"{list(cfg.datasets_cfg)}: set model.distill.teacher.annotations, or use another teacher"
+        )
+    train = cfg.datasets_cfg.cprd_shapes.build_info.annotations.get("train", None)
+    path = train.get("storage", None) if train is not None else None
+    if not path:
+        raise ValueError("shapes_oracle: the cprd_shapes train annotations were not built before the model")
+    with open_dict(teacher):
+        teacher.annotations = path
 
 
 def _caption_tokenizer(model_cfg):

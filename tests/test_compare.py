@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -83,3 +84,53 @@ def test_unknown_method_lists_the_choices(tmp_path):
     proc = compare(tmp_path, "--methods", "cprd", "distill_typo")
     assert proc.returncode == 2
     assert "unknown method(s) ['distill_typo']" in proc.stderr and "'listmle_full'" in proc.stderr
+
+
+def test_oracle_runs_and_relevance_metrics(compare_run):
+    """``--oracle`` adds a shapes_oracle-distilled run of each cross-encoder method (the
+    teacher and the baseline are reused); the table carries the relevance-aware metrics, equal
+    to an independent recomputation from the run's own val/test log."""
+    out, _ = compare_run
+    proc = compare(out, "--methods", "none", "cprd", "--weights", "--ks", "--oracle", "--no-trained-teacher")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    results = json.load(open(out / "results.json"))
+    assert [r["name"] for r in results["table"]] == ["ITC only (baseline)", "cprd (oracle teacher)"]
+    stored = torch.load(out / "cprd_oracle_seed0" / "checkpoint_best.pth", map_location="cpu", weights_only=True)
+    teacher = stored["config"]["model"]["distill"]["teacher"]
+    assert teacher["arch"] == "shapes_oracle" and teacher["annotations"].endswith("train.json")
+    (job,) = glob.glob(str(out / "cprd_oracle_seed0" / "jobs" / "*"))
+    logged = json.load(open(os.path.join(job, "metrics.json")))["test/best"]
+    row = results["table"][1]
+    for key in ("r_mean", "rel_map_at_r", "rank_tau"):
+        assert row[key] == pytest.approx(logged[key]), key
+    assert "| model | seeds | r_mean | rel_map_at_r" in open(out / "results.md").read()
+
+
+def test_diagnose_reports_teacher_quality(compare_run, tmp_path):
+    """``lavis-cprd diagnose`` on the compare run's student: with the trained teacher, its
+    positive-first rate equals a direct count over the scores it saved; with the oracle as
+    teacher, the positive always comes first (no mined negative is a true match on unique-caption
+    data) and the teacher agrees with the ground truth perfectly."""
+    out, _ = compare_run
+    ckpt = out / "cprd_seed0" / "checkpoint_best.pth"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    reports = {}
+    for name, extra in (("trained", ["--teacher-ckpt", str(out / "teacher" / "checkpoint_best.pth")]),
+                        ("oracle", ["--options", *MICRO[1:], "model.distill.teacher.arch=shapes_oracle"])):
+        args = ["--options", *MICRO[1:]] if name == "trained" else []
+        proc = subprocess.run(
+            [sys.executable, "-m", "lavis_cprd.cli", "diagnose", "--cfg-path", "configs/cprd_tiny_shapes.yaml", "--ckpt", str(ckpt),
+             "--batches", "2", "--output", str(tmp_path / name), *args, *extra],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        reports[name] = json.load(open(tmp_path / name / "diagnose.json"))
+    raw = np.load(tmp_path / "trained" / "diagnose_scores.npz")
+    first = sum(1 for pos, hard in zip(raw["t_pos"][:, 0], raw["t_hard"]) if all(pos > h for h in hard))
+    assert reports["trained"]["positive_first_rate"] == pytest.approx(first / len(raw["t_pos"]))
+    assert reports["trained"]["queries"] == len(raw["t_pos"]) > 16  # two batches of 16, both directions
+    assert reports["oracle"]["positive_first_rate"] == 1.0
+    assert reports["oracle"]["tau_teacher_oracle"] == pytest.approx(1.0)
+    assert reports["trained"]["norm_ratio"] > 0 and -1 <= reports["trained"]["cosine"] <= 1
+    with Image.open(tmp_path / "trained" / "diagnose.png") as img:
+        assert img.size[0] > 500

@@ -29,11 +29,56 @@ def test_forward_equals_independent_itc_plus_cprd(model, batch):
     assert_forward_is_itc_plus_cprd(model, batch, K=3)
 
 
-def assert_forward_is_itc_plus_cprd(model, batch, K):
+@pytest.mark.parametrize("temperature", ["itc", 0.02])
+def test_cprd_at_distillation_temperature(batch, temperature):
+    """CPRD's student logits are s / tau_d: the ITC temperature with ``itc`` (the formula as
+    first written), the fixed value otherwise; ITC keeps its own learnable tau either way."""
+    torch.manual_seed(0)
+    m = CprdDualEncoder.from_config(tiny_model_cfg(num_hard_negatives=3, valid_threshold=0.5, temperature=temperature))
+    with torch.no_grad():
+        m.temp.fill_(0.01)  # far from 0.02: a mix-up of the two temperatures shows
+    assert_forward_is_itc_plus_cprd(m.eval(), batch, K=3, tau_d=m.temp.detach().clone() if temperature == "itc" else 0.02)
+
+
+def test_distillation_temperature_default_and_errors():
+    from lavis_cprd.distill_config import DEFAULT_DISTILL_TEMPERATURE, DistillConfig
+
+    assert DistillConfig.from_cfg({"loss": "none"}).temperature == DEFAULT_DISTILL_TEMPERATURE
+    assert DistillConfig.from_cfg({"loss": "none", "temperature": "ITC"}).temperature == "itc"
+    for bad in (0, -0.1, "warm", True, float("nan")):
+        with pytest.raises(ValueError, match="temperature must be a positive number or 'itc'"):
+            DistillConfig.from_cfg({"loss": "none", "temperature": bad})
+    with pytest.raises(ValueError, match=r"normalize='some' is not one of \['contributing', 'all'\]"):
+        DistillConfig.from_cfg({"loss": "none", "normalize": "some"})
+
+
+def test_normalize_all_divides_by_every_query(batch):
+    """``normalize: all`` averages the CPRD terms over every query, ``contributing`` over those
+    with a valid negative: equal when every query contributes, smaller when some do not."""
+    torch.manual_seed(0)
+    probe = CprdDualEncoder.from_config(tiny_model_cfg()).eval()
+    pairs = torch.tensor([(i, j) for i in range(8) for j in range(8)])
+    median = float(probe.teacher.score(batch["image"], batch["text_input"], pairs).median())
+    losses = {}
+    for threshold in (0.0, median):
+        for norm in ("contributing", "all"):
+            torch.manual_seed(0)
+            cfg = tiny_model_cfg(num_hard_negatives=3, valid_threshold=threshold, normalize=norm)
+            out = CprdDualEncoder.from_config(cfg).eval()(batch)
+            losses[threshold, norm], share = out.loss_distill.item(), out.contributing_queries.item()
+        assert share == 1.0 if threshold == 0.0 else 0 < share < 1
+    assert losses[0.0, "all"] == pytest.approx(losses[0.0, "contributing"], rel=1e-6)
+    assert 0 < losses[median, "all"] < losses[median, "contributing"]
+
+
+def assert_forward_is_itc_plus_cprd(model, batch, K, tau_d=None):
     """Any student family: loss = ITC on its own features + CPRD on K hard negatives mined
-    here by loops and scored pair by pair by its teacher (valid threshold 0.5)."""
+    here by loops and scored pair by pair by its teacher (valid threshold 0.5), with the
+    CPRD logits at ``tau_d`` (default: the model's configured distillation temperature)."""
     out = model(batch)
     ids, tau = batch["image_id"], model.temp
+    if tau_d is None:
+        tau_d = tau if model.distill.temperature == "itc" else model.distill.temperature
     with torch.no_grad():
         v = model.encode_image(batch["image"])
         t = model.encode_text(model.tokenize(batch["text_input"], "cpu"))
@@ -45,7 +90,7 @@ def assert_forward_is_itc_plus_cprd(model, batch, K):
             for q in queries:  # batch index of the query
                 cands = [c for c in range(sims.shape[1]) if ids[c] != ids[q] and cand_ok[c]]
                 negs = sorted(cands, key=lambda c: -float(sims[q, c]))[:K]
-                xs.append(torch.stack([sims[q, c] / tau for c in negs]))
+                xs.append(torch.stack([sims[q, c] / tau_d for c in negs]))
                 ts.append(teacher.score(batch["image"], batch["text_input"], torch.tensor([pair(q, c) for c in negs])))
             x, ts = torch.stack(xs), torch.stack(ts)
             return cprd_reference(x, ts, ts >= 0.5)
@@ -73,7 +118,7 @@ def test_forward_equals_independent_peer_loss(batch, loss):
     K, T = 3, 0.5
     m = CprdDualEncoder.from_config(tiny_model_cfg(loss=loss, num_hard_negatives=K, teacher_temp=T)).eval()
     out = m(batch)
-    ids, tau = batch["image_id"], m.temp
+    ids, tau = batch["image_id"], m.distill.temperature
     with torch.no_grad():
         v = m.encode_image(batch["image"])
         t = m.encode_text(m.tokenize(batch["text_input"], "cpu"))
@@ -238,7 +283,7 @@ def test_detach_temperature_keeps_distillation_off_tau(batch):
     grads = {}
     for detach in (False, True):
         torch.manual_seed(0)
-        m = CprdDualEncoder.from_config(tiny_model_cfg(num_hard_negatives=3, valid_threshold=0.0, detach_temperature=detach))
+        m = CprdDualEncoder.from_config(tiny_model_cfg(num_hard_negatives=3, valid_threshold=0.0, detach_temperature=detach, temperature="itc"))
         m.eval()
         out = m(batch)
         out.loss_distill.backward()

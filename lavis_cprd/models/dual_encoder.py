@@ -46,6 +46,8 @@ class CprdOutput(ModelOutput):
     valid_negatives: Optional[torch.Tensor] = None
     # Share of this step's teacher pairs found in distill.teacher_cache.
     teacher_cache_hit_rate: Optional[torch.Tensor] = None
+    # Share of queries with a distillation term (CPRD: at least one valid negative).
+    contributing_queries: Optional[torch.Tensor] = None
 
 
 @registry.register_model("cprd_dual_encoder")
@@ -91,6 +93,7 @@ class CprdDualEncoder(BlipBase):
         self._teacher: Optional[FrozenTeacher] = None
         self._teacher_cache: Optional[TeacherScoreCache] = None
         self._cache_hit_rate: Optional[torch.Tensor] = None
+        self._contributing_share: Optional[torch.Tensor] = None
         self.epoch = 0  # set by the task each training epoch (distill.start_epoch)
         if self.distill.loss == "conaclip":
             # ConaCLIP's teacher-student edges compare embeddings across the two models: the
@@ -208,6 +211,7 @@ class CprdDualEncoder(BlipBase):
             loss_distill=loss_distill,
             valid_negatives=valid,
             teacher_cache_hit_rate=self._cache_hit_rate,
+            contributing_queries=self._contributing_share,
         )
 
     def _conaclip(self, image, captions, image_ids, image_feat, text_feat) -> torch.Tensor:
@@ -266,16 +270,27 @@ class CprdDualEncoder(BlipBase):
                 (q_t.view(-1, 1), q_t.view(-1, 1), pos_t),  # each text query with its own image
             ],
         )
-        temp = self.temp.detach() if cfg.detach_temperature else self.temp
-        loss_i2t, used_i2t = self._distill_direction(
+        temp = self.distill_temperature
+        loss_i2t, used_i2t, share_i2t = self._distill_direction(
             sim_i2t[image_queries, q_i] / temp, sim_i2t[image_queries].gather(1, neg_texts) / temp,
             z_pos_i.view(-1), z_i2t, mask_texts,
         )
-        loss_t2i, used_t2i = self._distill_direction(
+        loss_t2i, used_t2i, share_t2i = self._distill_direction(
             sim_t2i[local, q_t] / temp, sim_t2i.gather(1, neg_images) / temp, z_pos_t.view(-1), z_t2i, mask_images
         )
         used = torch.cat([used_i2t.float().sum(1), used_t2i.float().sum(1)]).mean()
+        self._contributing_share = (0.5 * (share_i2t + share_t2i)).detach()
         return 0.5 * (loss_i2t + loss_t2i), used.detach()
+
+    @property
+    def distill_temperature(self):
+        """``tau_d`` of the student logits ``x = s / tau_d`` in the cross-encoder losses:
+        ``distill.temperature`` when fixed; with ``itc`` the learnable ITC temperature
+        (detached when ``distill.detach_temperature``)."""
+        cfg = self.distill
+        if cfg.temperature == "itc":
+            return self.temp.detach() if cfg.detach_temperature else self.temp
+        return float(cfg.temperature)
 
     def _teacher_logits(self, images_all, captions_all, image_ids_all, blocks) -> List[torch.Tensor]:
         """Teacher logits ``log p1 - log p0`` for blocks of ``(image idx, caption idx, mask)``
@@ -295,17 +310,17 @@ class CprdDualEncoder(BlipBase):
     def _score_pairs(self, images_all, captions_all, image_ids_all, pairs) -> torch.Tensor:
         cache = self.teacher_cache
         if cache is None:
-            return self.teacher.logit(images_all, captions_all, pairs)
+            return self.teacher.logit(images_all, captions_all, pairs, image_ids=image_ids_all)
         logits, hit = cache.lookup(image_ids_all[pairs[:, 0]], [captions_all[j] for j in pairs[:, 1].tolist()])
         logits, hit = logits.to(images_all.device), hit.to(images_all.device)
         if not bool(hit.all()):  # the teacher is built only when some pair is missing
-            logits[~hit] = self.teacher.logit(images_all, captions_all, pairs[~hit])
+            logits[~hit] = self.teacher.logit(images_all, captions_all, pairs[~hit], image_ids=image_ids_all)
         self._cache_hit_rate = hit.float().mean().detach()
         return logits
 
-    def _distill_direction(self, x_pos, x_neg, z_pos, z_neg, mask) -> Tuple[torch.Tensor, torch.Tensor]:
-        """One direction's loss, reduced over all ranks' contributing queries, and the mask of
-        the negatives it used (for CPRD: the valid ones)."""
+    def _distill_direction(self, x_pos, x_neg, z_pos, z_neg, mask) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One direction's loss, reduced over all ranks' contributing (or all) queries, the mask
+        of the negatives it used (for CPRD: the valid ones) and the share of contributing queries."""
         cfg = self.distill
         used = mask
         if cfg.loss == "cprd":
@@ -327,10 +342,11 @@ class CprdDualEncoder(BlipBase):
         else:  # DistillConfig.validate() lists the choices; this guards new entries without a branch
             raise ValueError(f"model.distill.loss={cfg.loss!r} has no implementation")
         # Normalise by the count over all ranks so that DDP's gradient average equals the
-        # single-process mean over contributing queries.
-        total = dist.all_reduce_sum(contributes.sum().float())
+        # single-process mean over contributing (distill.normalize: all = every) queries.
+        counts = dist.all_reduce_sum(torch.stack([contributes.sum().float(), torch.tensor(float(contributes.numel()), device=contributes.device)]))
+        total = counts[0] if cfg.normalize == "contributing" else counts[1]
         loss = (per_query * contributes).sum() * dist.get_world_size() / total.clamp(min=1)
-        return loss, used
+        return loss, used, counts[0] / counts[1].clamp(min=1)
 
     # ---------------------------------------------------------------- retrieval
     @torch.no_grad()

@@ -7,6 +7,7 @@ from lavis_cprd.teachers.blip_itm import BlipITMTeacher  # noqa: F401  (register
 from lavis_cprd.teachers.albef import AlbefITMTeacher  # noqa: F401
 from lavis_cprd.teachers.blip2_itm import Blip2ITMTeacher  # noqa: F401
 from lavis_cprd.teachers.dual import BlipFeatureTeacher, ClipFeatureTeacher, CprdDualTeacher  # noqa: F401
+from lavis_cprd.teachers.oracle import ShapesOracleTeacher  # noqa: F401
 
 __all__ = [
     "CrossEncoderTeacher",
@@ -18,6 +19,7 @@ __all__ = [
     "BlipFeatureTeacher",
     "ClipFeatureTeacher",
     "CprdDualTeacher",
+    "ShapesOracleTeacher",
     "available_teachers",
     "build_teacher",
     "register_teacher",

@@ -3,7 +3,7 @@ dual encoder embeds images and captions separately (ConaCLIP's teacher)."""
 from __future__ import annotations
 
 import abc
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -58,9 +58,18 @@ class CrossEncoderTeacher(FrozenTeacher):
     def _match_logits(self, images: torch.Tensor, captions: Sequence[str], pairs: torch.Tensor) -> torch.Tensor:
         """ITM logits ``[P, 2]`` (no-match, match) for ``pairs[p] = (image index, caption index)``."""
 
+    # Whether ``match_logits`` needs ``image_ids`` (which image of the dataset each row of
+    # ``images`` is): a teacher that reads ground truth instead of pixels (``shapes_oracle``).
+    needs_image_ids: bool = False
+
     @torch.no_grad()
-    def match_logits(self, images: torch.Tensor, captions: Sequence[str], pairs: torch.Tensor) -> torch.Tensor:
-        """ITM logits ``[P, 2]`` in float32, computed in eval mode under ``no_grad``."""
+    def match_logits(self, images: torch.Tensor, captions: Sequence[str], pairs: torch.Tensor,
+                     image_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """ITM logits ``[P, 2]`` in float32, computed in eval mode under ``no_grad``.
+        ``image_ids`` (the dataset's id of each image row) is read only by teachers that
+        declare ``needs_image_ids``."""
+        if self.needs_image_ids:
+            return self._match_logits_by_id(images, list(captions), pairs.long().view(-1, 2), image_ids)
         autocast = self._prepare(images.device)
         pairs = pairs.to(images.device).long().view(-1, 2)
         if pairs.numel() == 0:
@@ -90,13 +99,18 @@ class CrossEncoderTeacher(FrozenTeacher):
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} does not use _distinct_inputs")
 
-    def score(self, images: torch.Tensor, captions: Sequence[str], pairs: torch.Tensor) -> torch.Tensor:
-        """Match probability ``c(i, j) = softmax(itm_logits)[:, 1]`` for each pair, ``[P]``."""
-        return self.match_logits(images, captions, pairs).softmax(dim=-1)[:, 1]
+    def _match_logits_by_id(self, images, captions: List[str], pairs: torch.Tensor, image_ids) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} declares needs_image_ids but does not score by id")
 
-    def logit(self, images: torch.Tensor, captions: Sequence[str], pairs: torch.Tensor) -> torch.Tensor:
+    def score(self, images: torch.Tensor, captions: Sequence[str], pairs: torch.Tensor,
+              image_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Match probability ``c(i, j) = softmax(itm_logits)[:, 1]`` for each pair, ``[P]``."""
+        return self.match_logits(images, captions, pairs, image_ids).softmax(dim=-1)[:, 1]
+
+    def logit(self, images: torch.Tensor, captions: Sequence[str], pairs: torch.Tensor,
+              image_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Teacher logit ``log p1 - log p0`` for each pair (used by KL-style losses), ``[P]``."""
-        logits = self.match_logits(images, captions, pairs)
+        logits = self.match_logits(images, captions, pairs, image_ids)
         return logits[:, 1] - logits[:, 0]
 
 

@@ -1,0 +1,121 @@
+"""Ground truth of ``cprd_shapes``: what a caption claims, and how much of it holds in a scene.
+
+A caption of the generator's grammar (``shapes.caption_pool``) parses into *facts*; its graded
+relevance to a scene is the fraction of those facts that hold there. The facts are chosen so
+that all of them hold exactly when the caption is true of the scene (its key is among the
+scene's caption keys), so grade 1.0 means a true match. Captions:
+
+- ``a C S left of a C S`` / ``a C S right of a C S`` (a pair): both objects exist, and the
+  first-named is on the stated side of the other;
+- ``from left to right a Z C S then a Z C S ...`` (the sequence): the object count, and
+  each position's object;
+- ``a Z C S and a Z C S ...`` (the set): the object count, and each named object (as a
+  multiset);
+- ``a C S between a C S and a C S``: three objects, and each position's kind.
+
+``C`` is a colour, ``S`` a shape, ``Z`` a size. Used by the ``shapes_oracle`` teacher and by
+the relevance-aware evaluation, so both read the same truth.
+"""
+from __future__ import annotations
+
+import collections
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+
+from lavis_cprd.datasets.shapes import COLORS, SHAPES, SIZES
+
+Obj = Tuple[str, ...]  # (color, shape) or (size, color, shape)
+
+
+class CaptionParseError(ValueError):
+    pass
+
+
+def _object(group: str, with_size: bool, caption: str) -> Obj:
+    """``a [size] color shape`` -> ``([size,] color, shape)``."""
+    words = group.split()
+    ok = len(words) == (4 if with_size else 3) and words[0] == "a" and words[-1] in SHAPES and words[-2] in COLORS
+    if not ok or (with_size and words[1] not in SIZES):
+        want = "a size color shape" if with_size else "a color shape"
+        raise CaptionParseError(f"cannot parse {caption!r}: {group!r} is not {want!r} (cprd_shapes grammar)")
+    return tuple(words[1:])
+
+
+def parse_caption(caption: str) -> Tuple[str, Tuple[Obj, ...]]:
+    """``(form, objects)``: ``pair`` (left object, right object), ``seq``, ``set`` or
+    ``between`` (objects left to right). Raises :class:`CaptionParseError` off the grammar."""
+    text = " ".join(caption.lower().split())
+    if text.startswith("from left to right "):
+        groups = text[len("from left to right "):].split(" then ")
+        return "seq", tuple(_object(g, True, caption) for g in groups)
+    for rel in (" left of ", " right of "):
+        if rel in text:
+            a, b = (_object(g, False, caption) for g in text.split(rel, 1))
+            return "pair", (a, b) if rel == " left of " else (b, a)
+    if " between " in text:
+        mid, rest = text.split(" between ", 1)
+        left, right = (_object(g, False, caption) for g in rest.split(" and ", 1)) if " and " in rest else (None, None)
+        if left is None:
+            raise CaptionParseError(f"cannot parse {caption!r}: 'between' needs 'X and Y'")
+        return "between", (left, _object(mid, False, caption), right)
+    return "set", tuple(_object(g, True, caption) for g in text.split(" and "))
+
+
+def _kind(o: dict) -> Obj:
+    return (o["color"], o["shape"])
+
+
+def _full(o: dict) -> Obj:
+    return (o["size"], o["color"], o["shape"])
+
+
+def caption_facts(caption: str, scene: Sequence[dict]) -> List[bool]:
+    """Whether each fact of ``caption`` holds in ``scene`` (objects sorted left to right)."""
+    form, objs = parse_caption(caption)
+    scene = sorted(scene, key=lambda o: o["slot"])
+    if form == "pair":
+        left, right = objs
+        lefts = [i for i, o in enumerate(scene) if _kind(o) == left]
+        rights = [i for i, o in enumerate(scene) if _kind(o) == right]
+        return [bool(lefts), bool(rights), any(i < j for i in lefts for j in rights)]
+    if form in ("seq", "between"):
+        key = _full if form == "seq" else _kind
+        return [len(scene) == len(objs)] + [i < len(scene) and key(scene[i]) == o for i, o in enumerate(objs)]
+    # set: each named object matched once in the scene's multiset
+    have = collections.Counter(_full(o) for o in scene)
+    facts = [len(scene) == len(objs)]
+    for o in objs:
+        facts.append(have[o] > 0)
+        have[o] -= 1
+    return facts
+
+
+def relevance(caption: str, scene: Sequence[dict]) -> float:
+    """Graded relevance in [0, 1]: the fraction of the caption's facts that hold in the scene."""
+    facts = caption_facts(caption, scene)
+    return float(sum(facts)) / len(facts)
+
+
+def relevance_matrix(scenes: Sequence[Sequence[dict]], captions: Sequence[str]) -> np.ndarray:
+    """``[n_scenes, n_captions]`` graded relevance (each caption parsed once)."""
+    out = np.zeros((len(scenes), len(captions)), dtype=np.float32)
+    for j, caption in enumerate(captions):
+        for i, scene in enumerate(scenes):
+            out[i, j] = relevance(caption, scene)
+    return out
+
+
+def scenes_by_image_id(annotation: Sequence[dict]) -> Dict:
+    """Scene spec of each image of a LAVIS annotation list: train entries keyed by their
+    integer id as LAVIS's ``RetrievalDataset`` numbers them (order of first appearance of
+    ``image_id``), eval entries by their position (``RetrievalEvalDataset``'s image index)."""
+    if not annotation or "scene" not in annotation[0]:
+        raise ValueError("these annotations carry no 'scene' field: only cprd_shapes data has scene specs")
+    if "image_id" in annotation[0]:
+        out, numbers = {}, {}
+        for ann in annotation:
+            n = numbers.setdefault(ann["image_id"], len(numbers))
+            out[n] = ann["scene"]
+        return out
+    return {i: ann["scene"] for i, ann in enumerate(annotation)}

@@ -1,0 +1,125 @@
+"""Relevance-aware metrics, cprd_shapes ground truth, and the shapes_oracle teacher."""
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from lavis_cprd.datasets import shapes
+from lavis_cprd.datasets.shapes_truth import CaptionParseError, parse_caption, relevance, scenes_by_image_id
+from lavis_cprd.relevance import map_at_r, r_precision, recall_at_k, relevance_metrics
+from lavis_cprd.teachers import ShapesOracleTeacher, build_teacher
+
+SCORES = np.array([[0.9, 0.5, 0.5, 0.1, 0.7], [0.2, 0.2, 0.2, 0.2, 0.2], [0.1, 0.8, 0.3, 0.6, 0.9]])
+RELEVANT = np.array([[1, 0, 1, 0, 1], [0, 0, 1, 1, 0], [1, 1, 0, 0, 0]], dtype=bool)
+
+
+def test_map_at_r_and_r_precision_by_hand():
+    """Ties are broken by item index. Row 0 ranks 0, 4, 1, 2, 3 (R = 3: hits at 1, 2):
+    mAP@R = (1 + 1 + 0) / 3, RP = 2/3. Row 1 (all tied) ranks 0..4 (R = 2): no hit in the top 2.
+    Row 2 ranks 4, 1, 3, 2, 0 (R = 2: a hit at 2): mAP@R = (1/2) / 2, RP = 1/2."""
+    np.testing.assert_allclose(map_at_r(SCORES, RELEVANT), [2 / 3, 0.0, 0.25])
+    np.testing.assert_allclose(r_precision(SCORES, RELEVANT), [2 / 3, 0.0, 0.5])
+    np.testing.assert_allclose(recall_at_k(SCORES, RELEVANT, 1), [1, 0, 0])
+    np.testing.assert_allclose(recall_at_k(SCORES, RELEVANT, 3), [1, 1, 1])
+
+
+def test_metrics_equal_eccv_caption_reference_code():
+    """On random scores with several true matches per query, our mAP@R, R-P and R@1 equal
+    ``eccv_caption``'s own ``compute_eccv_metrics`` on the same ranked lists."""
+    from eccv_caption._metrics import compute_eccv_metrics
+
+    rng = np.random.default_rng(0)
+    scores = rng.random((40, 60))
+    relevant = rng.random((40, 60)) < 0.08
+    relevant[np.arange(40), rng.integers(0, 60, 40)] = True
+    ranked = {q: list(np.argsort(-scores[q], kind="stable")) for q in range(40)}
+    gts = {q: list(np.flatnonzero(relevant[q])) for q in range(40)}
+    ref = compute_eccv_metrics(ranked, gts)
+    assert map_at_r(scores, relevant).mean() == pytest.approx(ref["eccv_map_at_r"], abs=1e-12)
+    assert r_precision(scores, relevant).mean() == pytest.approx(ref["eccv_rprecision"], abs=1e-12)
+    assert recall_at_k(scores, relevant, 1).mean() == pytest.approx(ref["eccv_r1"], abs=1e-12)
+    both = relevance_metrics(scores, relevant)
+    assert both["i2t_map_at_r"] == pytest.approx(100 * ref["eccv_map_at_r"])
+
+
+def test_ranking_correlation_on_hard_negatives():
+    """``rank_tau``: Kendall tau between scores and grades on each query's hard negatives; a
+    student that orders them as the grades do scores 1, the reverse order -1."""
+    grades = np.array([[1.0, 0.8, 0.6, 0.4, 0.2, 0.0]])
+    annotated = np.array([[True, False, False, False, False, False]])
+    same = relevance_metrics(grades, grades >= 1, annotated, grades, hard_k=4)
+    assert same["i2t_tau_hard4"] == pytest.approx(1.0)
+    reverse = -grades
+    reverse[0, 0] = 5.0  # the positive stays first; negatives in reverse order
+    assert relevance_metrics(reverse, grades >= 1, annotated, grades, hard_k=4)["i2t_tau_hard4"] == pytest.approx(-1.0)
+
+
+def test_shapes_truth_matches_generator_keys():
+    """Grade 1.0 exactly when the generator's own caption keys say the caption is true of the
+    scene (an independent account of truth), over every caption of 60 scenes x 60 scenes."""
+    split, _ = shapes.scenes(random.Random(3), 60, 3)
+    for a in split:
+        for text, key in shapes.caption_pool(a):
+            for b in split:
+                assert (relevance(text, b) == 1.0) == (key in shapes.caption_keys(b)), (text, b)
+
+
+def test_graded_relevance_by_hand():
+    scene = [{"shape": "circle", "color": "red", "size": "small", "slot": 0},
+             {"shape": "square", "color": "blue", "size": "large", "slot": 2}]
+    assert relevance("a red circle left of a blue square", scene) == 1.0
+    assert relevance("a blue square left of a red circle", scene) == pytest.approx(2 / 3)  # both exist, wrong side
+    assert relevance("a red circle right of a green square", scene) == pytest.approx(1 / 3)
+    assert relevance("from left to right a small red circle then a large blue square", scene) == 1.0
+    assert relevance("from left to right a large blue square then a small red circle", scene) == pytest.approx(1 / 3)
+    assert relevance("a large blue square and a small red circle", scene) == 1.0
+    assert relevance("a large blue square and a large red circle", scene) == pytest.approx(2 / 3)
+    assert parse_caption("a red circle between a blue square and a green triangle") == (
+        "between", (("blue", "square"), ("red", "circle"), ("green", "triangle")))
+    with pytest.raises(CaptionParseError, match="not 'a color shape'"):
+        relevance("a dog left of a cat", scene)
+
+
+def _train_annotation(tmp_path):
+    spec = shapes.ShapesSpec(num_train=12, num_val=6, num_test=6, image_size=24)
+    paths = shapes.generate(str(tmp_path), spec)
+    return paths["train"], json.load(open(paths["train"]))
+
+
+def test_oracle_scores_equal_scene_relevance(tmp_path):
+    """The oracle's match probability of (image id, caption) is the caption's graded relevance
+    to that image's scene (clipped to [eps, 1 - eps]); ids number images as LAVIS does."""
+    path, ann = _train_annotation(tmp_path)
+    teacher = build_teacher({"arch": "shapes_oracle", "annotations": path, "eps": 0.01})
+    assert isinstance(teacher, ShapesOracleTeacher)
+    order = list(dict.fromkeys(a["image_id"] for a in ann))
+    scene_of = {a["image_id"]: a["scene"] for a in ann}
+    captions = [a["caption"] for a in ann[:9]]
+    ids = torch.tensor([order.index(a["image_id"]) for a in ann[:9]])
+    pairs = torch.tensor([(i, j) for i in range(9) for j in range(9)])
+    got = teacher.score(torch.zeros(9, 3, 4, 4), captions, pairs, image_ids=ids)
+    want = [min(max(relevance(captions[j], scene_of[ann[i]["image_id"]]), 0.01), 0.99) for i, j in pairs.tolist()]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5)
+    assert got.view(9, 9).diagonal().min() == pytest.approx(0.99)  # each caption with its own image
+
+
+def test_oracle_fails_clearly_off_its_data(tmp_path):
+    with pytest.raises(ValueError, match="annotations is not set"):
+        build_teacher({"arch": "shapes_oracle"})
+    other = tmp_path / "coco.json"
+    other.write_text(json.dumps([{"image": "a.jpg", "caption": "a dog", "image_id": 1}]))
+    with pytest.raises(ValueError, match="no 'scene' field: only cprd_shapes"):
+        build_teacher({"arch": "shapes_oracle", "annotations": str(other)})
+    path, ann = _train_annotation(tmp_path / "shapes")
+    teacher = build_teacher({"arch": "shapes_oracle", "annotations": path})
+    with pytest.raises(ValueError, match="only knows cprd_shapes captions"):
+        teacher.score(torch.zeros(1, 3, 4, 4), ["a dog on a mat"], torch.tensor([[0, 0]]), image_ids=torch.tensor([0]))
+    with pytest.raises(ValueError, match="pass image_ids"):
+        teacher.score(torch.zeros(1, 3, 4, 4), [ann[0]["caption"]], torch.tensor([[0, 0]]))
+
+
+def test_eval_scene_ids_are_positions():
+    ann = [{"image": "x", "caption": ["c"], "scene": [1]}, {"image": "y", "caption": ["d"], "scene": [2]}]
+    assert scenes_by_image_id(ann) == {0: [1], 1: [2]}
