@@ -47,7 +47,7 @@ def run_model(batch, model=None):
     model = model or CprdDualEncoder.from_config(tiny_model_cfg(num_hard_negatives=3, valid_threshold=0.5)).eval()
     pairs = []
     logit = model.teacher.logit
-    model.teacher.logit = lambda images, captions, p: pairs.append(p.clone()) or logit(images, captions, p)
+    model.teacher.logit = lambda images, captions, p, image_ids=None: pairs.append(p.clone()) or logit(images, captions, p)
     out = model(batch)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

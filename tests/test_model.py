@@ -163,7 +163,7 @@ def test_teacher_scores_each_distinct_pair_once(batch):
     m = CprdDualEncoder.from_config(tiny_model_cfg(loss="kl")).eval()
     m(batch)  # builds the teacher
     calls, score = [], m.teacher.logit
-    m.teacher.logit = lambda images, captions, pairs: calls.append(pairs.clone()) or score(images, captions, pairs)
+    m.teacher.logit = lambda images, captions, pairs, image_ids=None: calls.append(pairs.clone()) or score(images, captions, pairs)
     m(batch)
     (pairs,) = calls
     assert len({tuple(p) for p in pairs.tolist()}) == len(pairs)
@@ -178,7 +178,7 @@ def test_positive_pairs_are_scored_only_when_the_loss_reads_them(batch, loss, dr
     torch.manual_seed(0)
     m = CprdDualEncoder.from_config(tiny_model_cfg(loss=loss, num_hard_negatives=3, drop_above_positive=drop)).eval()
     calls, score = [], m.teacher.logit
-    m.teacher.logit = lambda images, captions, pairs: calls.append(pairs.clone()) or score(images, captions, pairs)
+    m.teacher.logit = lambda images, captions, pairs, image_ids=None: calls.append(pairs.clone()) or score(images, captions, pairs)
     out = m(batch)
     ids = batch["image_id"]
     positive = {(i, t) for i, t in torch.cat(calls).tolist() if ids[i] == ids[t]}
