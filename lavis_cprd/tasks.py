@@ -81,7 +81,8 @@ class CprdRetrievalTask(RetrievalTask):
     def evaluation(self, model, data_loader, **kwargs):
         """LAVIS's retrieval evaluation (``compute_sim_matrix`` + ``_report_metrics``, its keys
         and its ``evaluate.txt`` line unchanged), plus the relevance-aware metrics where the
-        dataset records true matches (``relevance.dataset_relevance``), on the main process."""
+        dataset records true matches (``relevance.dataset_relevance``), on the main process.
+        They go to ``log.txt`` and ``metrics.json`` (``after_evaluation``)."""
         score_i2t, score_t2i = model.compute_sim_matrix(data_loader, task_cfg=self.cfg)
         if not is_main_process():
             return None
@@ -90,9 +91,7 @@ class CprdRetrievalTask(RetrievalTask):
         truth = dataset_relevance(dataset)
         if truth is not None:
             rel = relevance_metrics(score_i2t, truth["true"], truth["annotated"], truth.get("grades"), score_t2i)
-            result.update(rel)
-            with open(os.path.join(registry.get_path("output_dir"), "evaluate.txt"), "a") as f:
-                f.write(json.dumps({"relevance": rel}) + "\n")
+            result.update(rel)  # in log.txt and metrics.json; evaluate.txt keeps LAVIS's one line per evaluation
         logging.info(result)
         return result
 
