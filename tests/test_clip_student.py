@@ -37,7 +37,7 @@ def test_forward_equals_itc_plus_cprd_with_a_blip_teacher(clip_student, batch):
 def test_teacher_gets_raw_captions_and_its_own_tokenizer(clip_student, batch, monkeypatch):
     seen = []
     original = clip_student.teacher.logit
-    def spy(images, captions, pairs):
+    def spy(images, captions, pairs, image_ids=None):
         seen.append(list(captions))
         return original(images, captions, pairs)
 

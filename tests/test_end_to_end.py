@@ -139,7 +139,7 @@ def test_k_too_large(bad_setup):
 
 def test_unknown_teacher(bad_setup):
     tmp_path, root, splits = bad_setup
-    choices = r"\['albef_retrieval', 'blip2_image_text_matching', 'blip_image_text_matching'\]"
+    choices = r"\['albef_retrieval', 'blip2_image_text_matching', 'blip_image_text_matching', 'shapes_oracle'\]"
     with pytest.raises(ValueError, match=r"teacher.arch='blip_itm' has no teacher adapter; available: " + choices):
         _train(tmp_path, root, splits, **{"model.distill.teacher.arch": "blip_itm"})
 

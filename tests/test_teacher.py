@@ -88,10 +88,10 @@ def test_bf16_scores_close_to_fp32(teacher, batch):
 
 
 def test_unknown_teacher_lists_choices():
-    choices = r"\['albef_retrieval', 'blip2_image_text_matching', 'blip_image_text_matching'\]"
+    choices = r"\['albef_retrieval', 'blip2_image_text_matching', 'blip_image_text_matching', 'shapes_oracle'\]"
     with pytest.raises(ValueError, match=r"arch='blip_itm_typo' has no teacher adapter; available: " + choices):
         build_teacher(OmegaConf.create({"arch": "blip_itm_typo"}), kind="cross")
-    assert available_teachers("cross") == ["albef_retrieval", "blip2_image_text_matching", "blip_image_text_matching"]
+    assert available_teachers("cross") == ["albef_retrieval", "blip2_image_text_matching", "blip_image_text_matching", "shapes_oracle"]
     assert available_teachers("dual") == ["blip_feature_extractor", "clip_feature_extractor", "cprd_dual_encoder"]
 
 
