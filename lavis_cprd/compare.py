@@ -72,7 +72,7 @@ def plan(args) -> List[Tuple[str, str, List[str]]]:
     runs += [(f"cprd_k{k}", f"cprd, K = {k}", [cprd, f"model.distill.num_hard_negatives={k}"]) for k in args.ks]
     runs += [(f"cprd_temp{t}", f"cprd, temperature {t}", [cprd, f"model.distill.temperature={t}"])
              for t in args.temperatures]
-    if not getattr(args, "oracle", False):
+    if not args.oracle:
         return runs
     out = []
     for name, label, options in runs:

@@ -19,6 +19,7 @@ the relevance-aware evaluation, so both read the same truth.
 from __future__ import annotations
 
 import collections
+import functools
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -42,6 +43,7 @@ def _object(group: str, with_size: bool, caption: str) -> Obj:
     return tuple(words[1:])
 
 
+@functools.lru_cache(maxsize=65536)  # the oracle and every evaluation re-read the same captions
 def parse_caption(caption: str) -> Tuple[str, Tuple[Obj, ...]]:
     """``(form, objects)``: ``pair`` (left object, right object), ``seq``, ``set`` or
     ``between`` (objects left to right). Raises :class:`CaptionParseError` off the grammar."""
@@ -98,7 +100,7 @@ def relevance(caption: str, scene: Sequence[dict]) -> float:
 
 
 def relevance_matrix(scenes: Sequence[Sequence[dict]], captions: Sequence[str]) -> np.ndarray:
-    """``[n_scenes, n_captions]`` graded relevance (each caption parsed once)."""
+    """``[n_scenes, n_captions]`` graded relevance."""
     out = np.zeros((len(scenes), len(captions)), dtype=np.float32)
     for j, caption in enumerate(captions):
         for i, scene in enumerate(scenes):
