@@ -29,20 +29,22 @@ def ranked(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-np.asarray(scores, dtype=np.float64), axis=1, kind="stable")
 
 
-def map_at_r(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
-    """Per-query mAP@R ``[Q]`` for ``[Q, N]`` scores and a boolean ``[Q, N]`` relevance."""
+def map_at_r(scores: np.ndarray, relevant: np.ndarray, r: Optional[np.ndarray] = None) -> np.ndarray:
+    """Per-query mAP@R ``[Q]`` for ``[Q, N]`` scores and a boolean ``[Q, N]`` relevance.
+    ``r``: each query's R when it also counts true matches missing from the gallery (as
+    ECCV Caption's reference code does); default, the true matches in ``relevant``."""
     rel = np.take_along_axis(np.asarray(relevant, dtype=bool), ranked(scores), axis=1)
-    r = rel.sum(axis=1)
+    r = rel.sum(axis=1) if r is None else np.asarray(r)
     hits = np.cumsum(rel, axis=1)
     precision = hits / np.arange(1, rel.shape[1] + 1)
     within = np.arange(rel.shape[1])[None, :] < r[:, None]
     return (precision * rel * within).sum(axis=1) / np.maximum(r, 1)
 
 
-def r_precision(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
-    """Per-query R-Precision ``[Q]``."""
+def r_precision(scores: np.ndarray, relevant: np.ndarray, r: Optional[np.ndarray] = None) -> np.ndarray:
+    """Per-query R-Precision ``[Q]`` (``r`` as in ``map_at_r``)."""
     rel = np.take_along_axis(np.asarray(relevant, dtype=bool), ranked(scores), axis=1)
-    r = rel.sum(axis=1)
+    r = rel.sum(axis=1) if r is None else np.asarray(r)
     within = np.arange(rel.shape[1])[None, :] < r[:, None]
     return (rel & within).sum(axis=1) / np.maximum(r, 1)
 
@@ -74,6 +76,30 @@ def spearman_all(scores: np.ndarray, grades: np.ndarray) -> np.ndarray:
     return np.array([spearmanr(s, g).statistic if np.ptp(g) > 0 else np.nan for s, g in zip(scores, grades)])
 
 
+def direction_metrics(
+    scores: np.ndarray,
+    true: np.ndarray,
+    ks: Sequence[int] = RECALL_KS,
+    prefix: str = "",
+    missing: Optional[np.ndarray] = None,
+) -> Dict[str, float]:
+    """One direction's ``map_at_r``, ``r_precision``, ``true_r{k}`` (percent) and
+    ``true_per_query`` from ``[Q, N]`` scores and true matches; queries without any true
+    match are left out (as ECCV Caption scores only its annotated queries). ``missing``:
+    per query, true matches that are not in the gallery (they count in R, never retrieved)."""
+    has = np.asarray(true, dtype=bool).any(axis=1)
+    s, t = np.asarray(scores)[has], np.asarray(true, dtype=bool)[has]
+    r = t.sum(axis=1) + (0 if missing is None else np.asarray(missing)[has])
+    out = {
+        f"{prefix}map_at_r": 100.0 * float(map_at_r(s, t, r).mean()),
+        f"{prefix}r_precision": 100.0 * float(r_precision(s, t, r).mean()),
+    }
+    for k in ks:
+        out[f"{prefix}true_r{k}"] = 100.0 * float(recall_at_k(s, t, k).mean())
+    out[f"{prefix}true_per_query"] = float(r.mean())
+    return out
+
+
 def relevance_metrics(
     scores_i2t: np.ndarray,
     true_i2t: np.ndarray,
@@ -96,13 +122,7 @@ def relevance_metrics(
         "t2i": (scores_t2i, true_i2t.T, annotated_i2t.T, None if grades_i2t is None else np.asarray(grades_i2t).T),
     }
     for name, (scores, true, annotated, grades) in views.items():
-        has = true.any(axis=1)  # queries without any true match are left out
-        s, t = scores[has], true[has]
-        out[f"{name}_map_at_r"] = 100.0 * float(map_at_r(s, t).mean())
-        out[f"{name}_r_precision"] = 100.0 * float(r_precision(s, t).mean())
-        for k in ks:
-            out[f"{name}_true_r{k}"] = 100.0 * float(recall_at_k(s, t, k).mean())
-        out[f"{name}_true_per_query"] = float(t.sum(axis=1).mean())
+        out.update(direction_metrics(scores, true, ks, prefix=f"{name}_"))
         if grades is not None:
             out[f"{name}_tau_hard{hard_k}"] = float(np.nanmean(hard_negative_tau(scores, grades, annotated, hard_k)))
             out[f"{name}_spearman"] = float(np.nanmean(spearman_all(scores, grades)))

@@ -19,6 +19,8 @@ from omegaconf import open_dict
 
 from lavis_cprd.checkpoints import atomic_write
 from lavis_cprd.datasets.checks import check_split, unknown_only_checker
+from lavis_cprd.datasets.coco_eccv import CONFIG_KEY as COCO_CAPTIONS_KEY
+from lavis_cprd.datasets.coco_eccv import dataset_coco_ids, eccv_metrics, resolve_captions_path, tag_coco_ids
 from lavis_cprd.relevance import dataset_relevance, relevance_metrics
 
 # Loss terms the model returns next to ``loss``; their epoch means go to log.txt.
@@ -49,20 +51,23 @@ class CprdRetrievalTask(RetrievalTask):
     def build_datasets(self, cfg):
         """LAVIS's builders, with every split checked for bad data (see ``datasets.checks``):
         ``datasets.NAME.skip_bad: true`` leaves bad entries out with a warning instead of
-        failing; ``check_images: false`` skips opening every image (huge, trusted sets)."""
+        failing; ``check_images: false`` skips opening every image (huge, trusted sets).
+        ``coco_captions``: COCO's ``captions_val2014.json``, for ECCV Caption / CxC metrics."""
         for name, dcfg in cfg.datasets_cfg.items():
             check_annotation_files(name, dcfg)
         datasets = super().build_datasets(cfg)
         only_unknown = unknown_only_checker(_caption_tokenizer(cfg.model_cfg))
         for name, splits in datasets.items():
             dcfg = cfg.datasets_cfg[name]
-            if not dcfg.get("check_images", True):
-                continue
-            work_dir = os.path.join(registry.get_path("cache_root"), "lavis_cprd_filtered")
-            for split in list(splits):
-                splits[split] = check_split(
-                    name, split, splits[split], bool(dcfg.get("skip_bad", False)), only_unknown, work_dir
-                )
+            if dcfg.get("check_images", True):
+                work_dir = os.path.join(registry.get_path("cache_root"), "lavis_cprd_filtered")
+                for split in list(splits):
+                    splits[split] = check_split(
+                        name, split, splits[split], bool(dcfg.get("skip_bad", False)), only_unknown, work_dir
+                    )
+            captions = dcfg.get(COCO_CAPTIONS_KEY)
+            if captions:  # COCO: map the eval splits to COCO ids for the ECCV Caption / CxC metrics
+                tag_coco_ids(splits, resolve_captions_path(name, str(captions), registry.get_path("cache_root")))
         return datasets
 
     def build_model(self, cfg):
@@ -92,6 +97,9 @@ class CprdRetrievalTask(RetrievalTask):
         if truth is not None:
             rel = relevance_metrics(score_i2t, truth["true"], truth["annotated"], truth.get("grades"), score_t2i)
             result.update(rel)  # in log.txt and metrics.json; evaluate.txt keeps LAVIS's one line per evaluation
+        ids = dataset_coco_ids(dataset)
+        if ids is not None:  # COCO with datasets.coco_retrieval.coco_captions: ECCV Caption and CxC positives
+            result.update(eccv_metrics(score_i2t, score_t2i, *ids))
         logging.info(result)
         return result
 
@@ -270,3 +278,4 @@ def _caption_tokenizer(model_cfg):
     model_cls = registry.get_model_class(model_cfg.get("arch", ""))
     make = getattr(model_cls, "caption_tokenizer", None)
     return make(model_cfg) if make is not None else None
+
