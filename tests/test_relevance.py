@@ -1,6 +1,7 @@
 """Relevance-aware metrics, cprd_shapes ground truth, and the shapes_oracle teacher."""
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -123,3 +124,75 @@ def test_oracle_fails_clearly_off_its_data(tmp_path):
 def test_eval_scene_ids_are_positions():
     ann = [{"image": "x", "caption": ["c"], "scene": [1]}, {"image": "y", "caption": ["d"], "scene": [2]}]
     assert scenes_by_image_id(ann) == {0: [1], 1: [2]}
+
+
+# ------------------------------------------------------------- partial captions
+_DESC = re.compile(r"a (?:(small|large) )?(?:(red|green|blue|yellow|purple|white) )?(circle|square|triangle|shape)$")
+
+
+def _fits_by_regex(group, obj):
+    size, color, shape = _DESC.match(group).groups()
+    return (size in (None, obj["size"]) and color in (None, obj["color"])
+            and shape in ("shape", obj["shape"]))
+
+
+def _true_by_regex(caption, scene):
+    """Truth of a partial caption read independently of ``shapes_truth``: by regex, and by
+    brute force over the scene's objects."""
+    body = caption[len("there is "):]
+    objs = sorted(scene, key=lambda o: o["slot"])
+    if " to the left of " in body:
+        a, b = body.split(" to the left of ")
+        return any(_fits_by_regex(a, o) and _fits_by_regex(b, p) for i, o in enumerate(objs) for p in objs[i + 1:])
+    groups = body.split(" and ")
+    if len(groups) == 1:
+        return any(_fits_by_regex(groups[0], o) for o in objs)
+    a, b = groups
+    return any(_fits_by_regex(a, o) and _fits_by_regex(b, p) for o in objs for p in objs if o is not p)
+
+
+def test_partial_mode_records_exactly_the_true_matches(tmp_path):
+    """Partial captions are true of several images; the recorded true matches of every val
+    and test pair (what the relevance-aware metrics count) are exactly those an independent
+    parse of the scene finds, and LAVIS still annotates one source image per caption."""
+    from types import SimpleNamespace
+
+    from lavis_cprd.relevance import dataset_relevance
+
+    spec = shapes.ShapesSpec(seed=5, num_train=12, num_val=30, num_test=30, image_size=24, captions="partial")
+    paths = shapes.generate(str(tmp_path), spec)
+    several = 0
+    for split in ("val", "test"):
+        ann = json.load(open(paths[split]))
+        text = [c for a in ann for c in a["caption"]]
+        img2txt, t = {}, 0
+        for i, a in enumerate(ann):
+            img2txt[i] = list(range(t, t + len(a["caption"])))
+            t += len(a["caption"])
+        ds = SimpleNamespace(annotation=ann, image=[a["image"] for a in ann], text=text, img2txt=img2txt)
+        truth = dataset_relevance(ds)
+        expected = np.array([[_true_by_regex(c, a["scene"]) for c in text] for a in ann])
+        assert expected[truth["annotated"]].all()  # every caption is true of its own image
+        np.testing.assert_array_equal(truth["true"], expected)
+        assert ((truth["grades"] >= 1.0) == expected).all()
+        several += int((expected.sum(axis=0) > 1).sum())
+    assert several > 30  # many captions are true of more than one image
+    assert spec.key != shapes.ShapesSpec(seed=5, num_train=12, num_val=30, num_test=30, image_size=24).key
+
+
+def test_partial_grades_by_hand_and_unique_keys_unchanged():
+    scene = [{"shape": "circle", "color": "red", "size": "small", "slot": 0},
+             {"shape": "square", "color": "blue", "size": "large", "slot": 2}]
+    assert relevance("there is a red circle", scene) == 1.0
+    assert relevance("there is a red square", scene) == pytest.approx(2 / 3)  # red and square, not together
+    assert relevance("there is a large red shape", scene) == pytest.approx(2 / 3)
+    assert relevance("there is a blue square to the left of a red circle", scene) == pytest.approx(6 / 7)
+    assert relevance("there is a red shape and a red circle", scene) == pytest.approx(5 / 6)  # one red object only
+    assert relevance("there is a small circle and a large shape", scene) == 1.0
+    with pytest.raises(CaptionParseError, match="unexpected 'huge red'"):
+        relevance("there is a huge red circle", scene)
+    with pytest.raises(ValueError, match="generator.captions: 'some'; choose from"):
+        shapes.ShapesSpec(captions="some")
+    # the default (unique) mode keeps its folder names, hence its recorded results
+    assert shapes.ShapesSpec().key == shapes.ShapesSpec(captions="unique").key
+    assert "captions" not in json.dumps(shapes.ShapesSpec().key)

@@ -31,6 +31,13 @@ SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
 NUM_SLOTS = 3  # left-to-right cells of a 3x3 grid; objects sit in the middle row
 FORMAT_VERSION = 5
+# unique: every caption is true of exactly one image of its split (no false negatives);
+# partial: captions mention some objects and attributes, as real captions do, and may be true
+# of several images (the relevance-aware metrics count them all; LAVIS's keep the source).
+CAPTION_MODES = ("unique", "partial")
+# Attribute subsets a partial caption names of an object (at least two of three).
+PARTIAL_ATTRS = (("color", "shape"), ("size", "color"), ("size", "shape"), ("size", "color", "shape"))
+GENERIC_NOUN = "shape"  # the noun when the caption does not name the shape
 
 
 @dataclass(frozen=True)
@@ -42,11 +49,20 @@ class ShapesSpec:
     captions_per_image: int = 3
     image_size: int = 48
     family_size: int = 3  # images per minimal-pair family (1 = independent scenes)
+    captions: str = "unique"  # CAPTION_MODES: "unique" (true of one image) or "partial"
+
+    def __post_init__(self):
+        if self.captions not in CAPTION_MODES:
+            raise ValueError(f"datasets.cprd_shapes.generator.captions: {self.captions!r}; choose from {list(CAPTION_MODES)}")
 
     @property
     def key(self) -> str:
-        """Folder name: changes whenever a parameter (or the format version) changes."""
-        blob = json.dumps({**asdict(self), "version": FORMAT_VERSION}, sort_keys=True).encode()
+        """Folder name: changes whenever a parameter (or the format version) changes. The
+        default caption mode is left out, so unique-mode folders keep their earlier names."""
+        params = asdict(self)
+        if params["captions"] == "unique":
+            del params["captions"]
+        blob = json.dumps({**params, "version": FORMAT_VERSION}, sort_keys=True).encode()
         return hashlib.sha1(blob).hexdigest()[:12]
 
 
@@ -109,6 +125,31 @@ def captions_for(scene: List[dict], rng: random.Random, k: int, key_counts: Dict
     pool = list(dict.fromkeys(text for text, key in caption_pool(scene) if key_counts[key] == 1))
     rng.shuffle(pool)
     return [pool[i % len(pool)] for i in range(k)]
+
+
+def describe(obj: dict, attrs: Tuple[str, ...]) -> str:
+    """``a [size] [color] shape-or-'shape'``: the object named by some of its attributes."""
+    words = [obj[a] for a in ("size", "color") if a in attrs]
+    return "a " + " ".join([*words, obj["shape"] if "shape" in attrs else GENERIC_NOUN])
+
+
+def partial_captions(scene: List[dict], rng: random.Random, k: int) -> List[str]:
+    """``k`` captions (distinct while possible) that each mention part of the scene, in one of
+    three forms chosen in turn at random: ``there is D``, ``there is D and D`` (two objects)
+    and ``there is D to the left of D``, ``D`` naming an object by two or three attributes.
+    They are true of the scene and may be true of others."""
+    out: List[str] = []
+    for _ in range(20 * k):
+        if len(out) == k:
+            break
+        form = rng.choice(("one", "and", "left"))
+        i, j = sorted(rng.sample(range(len(scene)), 2))
+        a = describe(scene[i], rng.choice(PARTIAL_ATTRS))
+        b = describe(scene[j], rng.choice(PARTIAL_ATTRS))
+        text = {"one": f"there is {a}", "and": f"there is {a} and {b}", "left": f"there is {a} to the left of {b}"}[form]
+        if text not in out:
+            out.append(text)
+    return [out[i % len(out)] for i in range(k)]
 
 
 def render(scene: List[dict], size: int, rng: random.Random) -> Image.Image:
@@ -178,7 +219,10 @@ def generate(root: str, spec: ShapesSpec) -> Dict[str, str]:
         for scene, family in zip(split_scenes, families):
             image = f"images/{split}_{counter:06d}.png"
             render(scene, spec.image_size, rng).save(os.path.join(root, image))
-            caps = captions_for(scene, rng, spec.captions_per_image, key_counts)
+            if spec.captions == "partial":
+                caps = partial_captions(scene, rng, spec.captions_per_image)
+            else:
+                caps = captions_for(scene, rng, spec.captions_per_image, key_counts)
             if split == "train":
                 entries += [
                     {"image": image, "caption": c, "image_id": f"{split}_{counter}", "family": f"{split}_{family}", "scene": scene}

@@ -13,6 +13,14 @@ scene's caption keys), so grade 1.0 means a true match. Captions:
   multiset);
 - ``a C S between a C S and a C S``: three objects, and each position's kind.
 
+Partial captions (``generator.captions: partial``) name objects by some attributes, ``D`` =
+``a [Z] [C] S`` with ``S`` a shape or the word ``shape``:
+
+- ``there is D``: each named attribute is on some object, and one object has them all;
+- ``there is D and D``: the facts of each ``D``, and two distinct objects fit them;
+- ``there is D to the left of D``: the facts of each ``D``, and an object fitting the first
+  is left of one fitting the second.
+
 ``C`` is a colour, ``S`` a shape, ``Z`` a size. Used by the ``shapes_oracle`` teacher and by
 the relevance-aware evaluation, so both read the same truth.
 """
@@ -24,9 +32,10 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from lavis_cprd.datasets.shapes import COLORS, SHAPES, SIZES
+from lavis_cprd.datasets.shapes import COLORS, GENERIC_NOUN, SHAPES, SIZES
 
 Obj = Tuple[str, ...]  # (color, shape) or (size, color, shape)
+Descriptor = Tuple[Tuple[str, str], ...]  # named attributes of a partial caption's object
 
 
 class CaptionParseError(ValueError):
@@ -43,11 +52,38 @@ def _object(group: str, with_size: bool, caption: str) -> Obj:
     return tuple(words[1:])
 
 
+def _descriptor(group: str, caption: str) -> Descriptor:
+    """``a [size] [color] shape-or-'shape'`` -> ``(("size", ...), ("color", ...), ("shape", ...))``."""
+    words = group.split()
+    if len(words) < 2 or words[0] != "a" or words[-1] not in (*SHAPES, GENERIC_NOUN):
+        raise CaptionParseError(f"cannot parse {caption!r}: {group!r} is not 'a [size] [color] shape'")
+    attrs, rest = [], words[1:-1]
+    if rest and rest[0] in SIZES:
+        attrs.append(("size", rest.pop(0)))
+    if rest and rest[0] in COLORS:
+        attrs.append(("color", rest.pop(0)))
+    if rest:
+        raise CaptionParseError(f"cannot parse {caption!r}: unexpected {' '.join(rest)!r} in {group!r}")
+    if words[-1] != GENERIC_NOUN:
+        attrs.append(("shape", words[-1]))
+    return tuple(attrs)
+
+
+def _partial(text: str, caption: str) -> Tuple[str, tuple]:
+    body = text[len("there is "):]
+    if " to the left of " in body:
+        return "some_left", tuple(_descriptor(g, caption) for g in body.split(" to the left of ", 1))
+    return "some", tuple(_descriptor(g, caption) for g in body.split(" and "))
+
+
 @functools.lru_cache(maxsize=65536)  # the oracle and every evaluation re-read the same captions
 def parse_caption(caption: str) -> Tuple[str, Tuple[Obj, ...]]:
     """``(form, objects)``: ``pair`` (left object, right object), ``seq``, ``set`` or
-    ``between`` (objects left to right). Raises :class:`CaptionParseError` off the grammar."""
+    ``between`` (objects left to right); partial captions: ``some`` or ``some_left``
+    (descriptors, in the caption's order). Raises :class:`CaptionParseError` off the grammar."""
     text = " ".join(caption.lower().split())
+    if text.startswith("there is "):
+        return _partial(text, caption)
     if text.startswith("from left to right "):
         groups = text[len("from left to right "):].split(" then ")
         return "seq", tuple(_object(g, True, caption) for g in groups)
@@ -72,10 +108,28 @@ def _full(o: dict) -> Obj:
     return (o["size"], o["color"], o["shape"])
 
 
+def _fits(o: dict, d: Descriptor) -> bool:
+    return all(o[attr] == value for attr, value in d)
+
+
+def _descriptor_facts(d: Descriptor, scene: Sequence[dict]) -> List[bool]:
+    """Each named attribute is on some object; one object has all of them."""
+    return [any(o[a] == v for o in scene) for a, v in d] + [any(_fits(o, d) for o in scene)]
+
+
 def caption_facts(caption: str, scene: Sequence[dict]) -> List[bool]:
     """Whether each fact of ``caption`` holds in ``scene`` (objects sorted left to right)."""
     form, objs = parse_caption(caption)
     scene = sorted(scene, key=lambda o: o["slot"])
+    if form in ("some", "some_left"):
+        facts = [f for d in objs for f in _descriptor_facts(d, scene)]
+        if len(objs) == 1:
+            return facts
+        n = len(scene)
+        fits = [[i for i in range(n) if _fits(scene[i], d)] for d in objs]
+        if form == "some_left":
+            return facts + [any(i < j for i in fits[0] for j in fits[1])]
+        return facts + [_distinct(fits)]
     if form == "pair":
         left, right = objs
         lefts = [i for i, o in enumerate(scene) if _kind(o) == left]
@@ -91,6 +145,13 @@ def caption_facts(caption: str, scene: Sequence[dict]) -> List[bool]:
         facts.append(have[o] > 0)
         have[o] -= 1
     return facts
+
+
+def _distinct(fits: List[List[int]]) -> bool:
+    """Distinct objects for every descriptor (a matching over the candidate lists)."""
+    import itertools
+
+    return any(len(set(choice)) == len(choice) for choice in itertools.product(*fits))
 
 
 def relevance(caption: str, scene: Sequence[dict]) -> float:
