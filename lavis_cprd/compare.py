@@ -5,7 +5,8 @@ Runs, per seed: the baseline (``none``), each peer loss, and the ablations of th
 paper: ``cprd`` vs ``listmle_full`` (the order of hard negatives vs every order, finding 2)
 and sweeps of the CPRD weight and of K (finding 3). For finding 1 it records, per method,
 the teacher's and the student's score statistics on positives, hard and easy negatives.
-Writes ``results.md`` (mean ± std over seeds), ``results.json`` and ``r_mean.png``.
+Writes ``results.md`` (mean ± std over seeds), ``results.json``, ``metrics.png`` (each metric per
+method, a dot per seed) and ``score_distributions.png``.
 Finished runs are reused, so an interrupted comparison resumes.
 """
 from __future__ import annotations
@@ -16,7 +17,6 @@ import os
 import time
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 
 from lavis_cprd.demo import common_parser, ensure_teacher, eval_split, load_trained, train_run
@@ -26,9 +26,12 @@ from lavis_cprd.reporting import (
     best_epoch,
     kendall_tau_on_hard_negatives,
     markdown_table,
+    plot_metrics_per_method,
+    plot_score_distributions,
     relevance_table,
     score_distributions,
     summarize,
+    teacher_all_pairs,
 )
 
 log = logging.getLogger("lavis_cprd.compare")
@@ -58,6 +61,9 @@ METHOD_OPTIONS = {"conaclip": ["model.distill.teacher.arch=blip_feature_extracto
 
 
 ORACLE_OPTIONS = ["model.distill.teacher.arch=shapes_oracle"]
+LABEL_TEACHER = "teacher: ITM on every pair"
+PLOTTED_METRICS = ("r_mean", "rel_map_at_r", "rank_tau")
+MAX_TEACHER_PAIRS = 400_000  # the teacher scores every test pair when there are at most this many
 
 
 def plan(args) -> List[Tuple[str, str, List[str]]]:
@@ -84,23 +90,6 @@ def plan(args) -> List[Tuple[str, str, List[str]]]:
     return out
 
 
-def plot_r_mean(rows: List[Dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 3.6))
-    x = np.arange(len(rows))
-    ax.bar(x, [r["r_mean"] for r in rows], yerr=[r["r_mean_std"] for r in rows], capsize=4, color="tab:blue", alpha=0.8)
-    ax.set_xticks(x, [r["name"] for r in rows], rotation=30, ha="right")
-    ax.set_ylabel("test r_mean (mean ± std over seeds)")
-    ax.set_ylim(min(r["r_mean"] - r["r_mean_std"] for r in rows) - 5, max(r["r_mean"] + r["r_mean_std"] for r in rows) + 3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 @torch.no_grad()
 def evaluate(args, out: str, teacher_ckpt: str, ckpts: Dict[str, Dict[int, str]], labels: Dict[str, str]) -> Dict:
     from lavis.common.registry import registry
@@ -119,6 +108,7 @@ def evaluate(args, out: str, teacher_ckpt: str, ckpts: Dict[str, Dict[int, str]]
     k_hard = max(int(cfg.model_cfg.distill.num_hard_negatives), 8)
 
     truth = dataset_relevance(dataset)
+    plotted = next((n for n in ckpts if n.startswith("cprd")), next(iter(ckpts)))  # whose score distributions are drawn
     runs: Dict[str, List[Dict]] = {}
     finding1: Dict[str, Dict] = {}
     tau: Dict[str, float] = {}
@@ -131,10 +121,22 @@ def evaluate(args, out: str, teacher_ckpt: str, ckpts: Dict[str, Dict[int, str]]
             metrics["best_epoch"] = best_epoch(by_seed[seed])
             runs.setdefault(name, []).append(metrics)
             if seed == min(by_seed):  # score statistics and tau on the first seed
-                finding1[name] = {k: v["summary"] for k, v in score_distributions(teacher, images, dataset, i2t, k_hard).items()}
+                dists = score_distributions(teacher, images, dataset, i2t, k_hard, true=None if truth is None else truth["true"])
+                finding1[name] = {k: v["summary"] for k, v in dists.items()}
                 tau[name] = kendall_tau_on_hard_negatives(teacher, images, dataset, i2t, k=k_hard)
+                if name == plotted:
+                    plot_score_distributions(dists, os.path.join(out, "score_distributions.png"), "teacher " + os.path.join(*teacher_ckpt.split(os.sep)[-2:]),
+                                             f"student {labels[name]}, seed {seed}")
     table = [summarize(labels[name], runs[name]) for name in ckpts]
-    return {"table": table, "runs": runs, "score_distributions": finding1, "kendall_tau": tau, "device": str(device)}
+    teacher_row = None
+    if truth is not None and len(images) * len(dataset.text) <= MAX_TEACHER_PAIRS:
+        i2t = teacher_all_pairs(teacher, images, dataset.text)
+        metrics = RetrievalTask._report_metrics(i2t, i2t.T, dataset.txt2img, dataset.img2txt)
+        metrics.update(relevance_metrics(i2t, truth["true"], truth["annotated"], truth.get("grades")))
+        teacher_row = summarize(LABEL_TEACHER, [metrics])
+    return {"table": table, "teacher": teacher_row, "runs": runs, "labels": {n: labels[n] for n in ckpts},
+            "score_distributions": finding1, "kendall_tau": tau, "score_distributions_plotted": plotted,
+            "device": str(device)}
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
@@ -159,7 +161,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     results.update(seeds=args.seeds, teacher_checkpoint=teacher_ckpt, seconds=time.time() - t_start)
     report = write_report(results, out)
     print("\n" + report)
-    print(f"Wrote {out}/results.md, results.json, r_mean.png ({results['seconds'] / 60:.1f} min)")
+    print(f"Wrote {out}/results.md, results.json, metrics.png, score_distributions.png ({results['seconds'] / 60:.1f} min)")
     return results
 
 
@@ -183,7 +185,7 @@ def findings_table(results: Dict) -> str:
 
 
 def write_report(results: Dict, out: str) -> str:
-    """``results.json``, ``results.md`` (metrics over seeds, then the findings table) and ``r_mean.png``."""
+    """``results.json``, ``results.md`` (metrics over seeds, then the findings table), ``metrics.png``."""
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     seeds = ", ".join(str(s) for s in results.get("seeds", []))
@@ -191,14 +193,19 @@ def write_report(results: Dict, out: str) -> str:
         f"Test split, mean ± std over seeds {seeds}:\n\n{markdown_table(results['table'])}\n\n"
         + (f"Relevance-aware metrics (every true match counted; ranking correlation: Kendall tau of the "
            f"student's scores with the graded relevance of its 8 hardest negatives), test split:\n\n"
-           f"{relevance_table(results['table'])}\n\n" if "rel_map_at_r" in results["table"][0] else "")
+           f"{relevance_table(([results['teacher']] if results.get('teacher') else []) + results['table'])}\n\n"
+           if "rel_map_at_r" in results["table"][0] else "")
         +
         f"Gap to the baseline (means over seeds); on the first seed, the order agreement with the "
         f"teacher on the student's hard negatives and the mean scores (finding 1):\n\n{findings_table(results)}\n"
     )
+    plot_metrics_per_method(results["runs"], results["labels"], PLOTTED_METRICS, os.path.join(out, "metrics.png"),
+                            baseline="none", title=f"test split: mean over seeds {seeds} (bars), each seed (dots)")
+    plotted = results["labels"][results["score_distributions_plotted"]]
+    report += (f"\nFigures: [metrics per method](metrics.png) (a dot per seed, dashed: ITC alone); "
+               f"[score distributions](score_distributions.png) (the teacher and the {plotted} student, first seed).\n")
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(report)
-    plot_r_mean(results["table"], os.path.join(out, "r_mean.png"))
     return report
 
 

@@ -3,7 +3,7 @@ score distributions, Kendall's tau between teacher and student orders, and withi
 (binding) accuracy on minimal-pair data."""
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -82,28 +82,46 @@ def teacher_rerank(teacher, images: torch.Tensor, texts: Sequence[str], student_
     return i2t, t2i
 
 
-def _negatives(student_i2t: np.ndarray, img2txt: Dict[int, List[int]], k: int, seed: int = 0):
+def teacher_all_pairs(teacher, images: torch.Tensor, texts: Sequence[str], chunk: int = 8192) -> np.ndarray:
+    """The teacher's match probability for every (image, caption) pair, ``[n_img, n_txt]``:
+    its full ranking, which a top-k re-rank hides (a relevance metric needs every true match)."""
+    n_img, n_txt = len(images), len(texts)
+    grid = torch.stack(torch.meshgrid(torch.arange(n_img), torch.arange(n_txt), indexing="ij"), -1).view(-1, 2)
+    scores = torch.cat([teacher.score(images, list(texts), grid[s : s + chunk]).cpu() for s in range(0, len(grid), chunk)])
+    return scores.view(n_img, n_txt).numpy()
+
+
+def _negatives(student_i2t: np.ndarray, img2txt: Dict[int, List[int]], k: int, seed: int = 0,
+               true: Optional[np.ndarray] = None):
     """Per image query: its ``k`` hardest non-positive texts by the student, and ``k`` easy
-    ones drawn at random from the rest."""
+    ones drawn at random from the rest. With ``true`` (``[n_img, n_txt]`` true matches),
+    true matches are not negatives: they are left out of both."""
     rng = np.random.default_rng(seed)
     hard, easy = [], []
     for i, row in enumerate(student_i2t):
-        positives = set(img2txt[i])
+        positives = set(img2txt[i]) if true is None else set(np.flatnonzero(true[i])) | set(img2txt[i])
         ranked = [t for t in np.argsort(-row, kind="stable") if t not in positives]
         hard.append(ranked[:k])
         easy.append(rng.choice(ranked[k:], size=k, replace=False))
     return np.array(hard), np.array(easy)
 
 
-def score_distributions(teacher, images, dataset, student_i2t: np.ndarray, k_hard: int = 8) -> Dict[str, Dict]:
+def score_distributions(teacher, images, dataset, student_i2t: np.ndarray, k_hard: int = 8,
+                        true: Optional[np.ndarray] = None) -> Dict[str, Dict]:
     """Teacher match probabilities and student similarities of positives, hard negatives
-    (the student's top-``k_hard`` non-positives) and easy (random) negatives, image queries."""
-    hard, easy = _negatives(student_i2t, dataset.img2txt, k_hard)
-    groups = {
-        "positive": np.array([(i, t) for i, ts in dataset.img2txt.items() for t in ts]),
-        "hard negative": np.array([(i, t) for i, ts in enumerate(hard) for t in ts]),
-        "easy negative": np.array([(i, t) for i, ts in enumerate(easy) for t in ts]),
-    }
+    (the student's top-``k_hard`` non-positives) and easy (random) negatives, image queries.
+    With ``true`` (every true match, e.g. of partial captions) also the *true-match
+    negatives*: true matches LAVIS does not annotate, which ITC pushes away as negatives."""
+    hard, easy = _negatives(student_i2t, dataset.img2txt, k_hard, true=true)
+    groups = {"positive": np.array([(i, t) for i, ts in dataset.img2txt.items() for t in ts])}
+    if true is not None:
+        unannotated = np.asarray(true, dtype=bool).copy()
+        for i, ts in dataset.img2txt.items():
+            unannotated[i, ts] = False
+        if unannotated.any():
+            groups["true-match negative"] = np.argwhere(unannotated)
+    groups["hard negative"] = np.array([(i, t) for i, ts in enumerate(hard) for t in ts])
+    groups["easy negative"] = np.array([(i, t) for i, ts in enumerate(easy) for t in ts])
     out = {}
     for name, pairs in groups.items():
         t = teacher.score(images, list(dataset.text), torch.from_numpy(pairs)).cpu().numpy()
@@ -122,24 +140,70 @@ def score_distributions(teacher, images, dataset, student_i2t: np.ndarray, k_har
     return out
 
 
-def plot_score_distributions(dists: Dict[str, Dict], path: str) -> None:
+def log_odds(p: np.ndarray, eps: float = 1e-4) -> np.ndarray:
+    """``log(p / (1 - p))``, clipped to ``[eps, 1 - eps]``: spreads the match probabilities
+    that pile up near 0 and 1."""
+    p = np.clip(np.asarray(p, dtype=np.float64), eps, 1 - eps)
+    return np.log(p / (1 - p))
+
+
+def plot_score_distributions(dists: Dict[str, Dict], path: str, teacher_name: str = "teacher",
+                             student_name: str = "student", split: str = "test") -> None:
+    """Two panels, teacher and student, one histogram per pair group on shared bins. The
+    teacher's probabilities are binned in log-odds, so negatives near 0 separate."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, who, xlabel in ((axes[0], "teacher", "teacher ITM match probability"), (axes[1], "student", "student cosine similarity")):
-        lo = min(d[who].min() for d in dists.values())
-        hi = max(d[who].max() for d in dists.values())
-        bins = np.linspace(lo, hi, 40)
-        for name, d in dists.items():
-            ax.hist(d[who], bins=bins, alpha=0.55, density=True, label=name)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    panels = (
+        (axes[0], "teacher", log_odds, f"{teacher_name}: ITM match log-odds, log(p / (1 - p))"),
+        (axes[1], "student", np.asarray, f"{student_name}: cosine similarity"),
+    )
+    for ax, who, transform, xlabel in panels:
+        values = {name: transform(d[who]) for name, d in dists.items()}
+        lo, hi = min(v.min() for v in values.values()), max(v.max() for v in values.values())
+        bins = np.linspace(lo, hi, 50)
+        for name, v in values.items():
+            ax.hist(v, bins=bins, alpha=0.5, density=True, label=f"{name} (n={len(v)})", histtype="stepfilled")
+            ax.axvline(np.median(v), color=ax.patches[-1].get_facecolor(), alpha=1.0, lw=1, ls="--")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("density")
-        ax.set_title(who)
-    axes[0].legend()
-    fig.suptitle("Score distributions on the test split (image queries)")
+    axes[0].legend(fontsize=8, title="pairs (dashed: median)", title_fontsize=8)
+    fig.suptitle(f"Score distributions, {split} split, image queries: {teacher_name} vs {student_name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_metrics_per_method(runs: Dict[str, List[Dict[str, float]]], labels: Dict[str, str], metrics: Sequence[str],
+                            path: str, baseline: Optional[str] = None, title: str = "") -> None:
+    """One panel per metric: a bar at each method's mean over seeds, a dot per seed, a dashed
+    line at the baseline's mean, and the axis from 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in metrics if all(m in r for rs in runs.values() for r in rs)]
+    names = list(runs)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(max(4.0, 0.55 * len(names)) * len(metrics), 4.2), squeeze=False)
+    x = np.arange(len(names))
+    for ax, m in zip(axes[0], metrics):
+        values = [np.array([r[m] for r in runs[n]], dtype=float) for n in names]
+        ax.bar(x, [v.mean() for v in values], color="tab:blue", alpha=0.35, width=0.7)
+        for i, v in enumerate(values):
+            ax.scatter(np.full(len(v), i) + np.linspace(-0.15, 0.15, len(v)), v, color="tab:blue", s=14, zorder=3)
+        if baseline in runs:
+            ax.axhline(np.mean([r[m] for r in runs[baseline]]), color="black", ls="--", lw=1,
+                       label=f"{labels.get(baseline, baseline)} (mean)")
+            ax.legend(fontsize=7, loc="lower right")
+        top = max(v.max() for v in values)
+        ax.set_ylim(min(0.0, min(v.min() for v in values)), top * 1.08 if top > 0 else 1.0)
+        ax.set_xticks(x, [labels.get(n, n) for n in names], rotation=35, ha="right", fontsize=8)
+        ax.set_title(m)
+    fig.suptitle(title or "mean over seeds (bars), each seed (dots)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

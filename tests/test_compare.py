@@ -76,8 +76,10 @@ def test_finding1_statistics_tau_table_and_plot(compare_run):
         gap = "—" if name == "none" else f"{rows[label]['r_mean'] - base:+.1f}"
         easy = f"{stats['positive']['student_mean']:.2f} / {stats['hard negative']['student_mean']:.2f} / "
         assert f"| {label} | {gap} | {results['kendall_tau'][name]:.2f} | {easy}" in findings, label
-    with Image.open(out / "r_mean.png") as img:
-        assert img.size[0] > 500
+    for figure in ("metrics.png", "score_distributions.png"):
+        with Image.open(out / figure) as img:
+            assert img.size[0] > 500
+        assert f"]({figure})" in md  # results.md links it
 
 
 def test_unknown_method_lists_the_choices(tmp_path):
@@ -104,6 +106,27 @@ def test_oracle_runs_and_relevance_metrics(compare_run):
     for key in ("r_mean", "rel_map_at_r", "rank_tau"):
         assert row[key] == pytest.approx(logged[key]), key
     assert "| model | seeds | r_mean | rel_map_at_r" in open(out / "results.md").read()
+
+    # the teacher's row: its ITM score of every test pair, assembled here one image at a time
+    from lavis.tasks.retrieval import RetrievalTask
+    from torch.utils.data import DataLoader
+
+    from lavis_cprd.demo import eval_split, load_trained
+    from lavis_cprd.relevance import dataset_relevance, relevance_metrics
+    from lavis_cprd.teachers import BlipITMTeacher
+
+    dataset, _ = eval_split("configs/cprd_tiny_shapes.yaml", MICRO[1:])
+    images = torch.cat([b["image"] for b in DataLoader(dataset, batch_size=64)])
+    itm = BlipITMTeacher(load_trained(str(out / "teacher" / "checkpoint_best.pth"), torch.device("cpu")))
+    n_txt = len(dataset.text)
+    scores = np.stack([itm.score(images, dataset.text, torch.tensor([[i, j] for j in range(n_txt)])).numpy()
+                       for i in range(len(images))])
+    expected = RetrievalTask._report_metrics(scores, scores.T, dataset.txt2img, dataset.img2txt)
+    truth = dataset_relevance(dataset)
+    expected.update(relevance_metrics(scores, truth["true"], truth["annotated"], truth["grades"]))
+    assert results["teacher"]["name"] == "teacher: ITM on every pair"
+    for key in ("r_mean", "rel_map_at_r", "rank_tau"):
+        assert results["teacher"][key] == pytest.approx(expected[key], abs=1e-4), key
 
 
 def test_diagnose_reports_teacher_quality(compare_run, tmp_path):

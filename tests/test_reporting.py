@@ -9,7 +9,9 @@ from lavis_cprd.reporting import (
     family_pairs,
     kendall_tau_on_hard_negatives,
     markdown_table,
+    score_distributions,
     summarize,
+    teacher_all_pairs,
     teacher_rerank,
     within_family_accuracy,
 )
@@ -95,3 +97,27 @@ def test_within_family_accuracy_by_hand():
     # Scores outside a family never matter: a huge cross-family score changes nothing.
     sim[3, 0] = 10.0
     assert within_family_accuracy(sim[pairs[:, 0], pairs[:, 1]], pairs, txt2img) == pytest.approx(2 / 5)
+
+
+def test_score_groups_with_true_matches_and_all_pairs_grid():
+    """With every true match known, unannotated true matches form their own group and are
+    never counted as hard or easy negatives; the all-pairs grid is the teacher's table."""
+    data = Dataset(n_img=4, per=2)
+    rng = np.random.default_rng(2)
+    student = rng.uniform(-1, 1, size=(4, 8))
+    table = rng.uniform(size=(4, 8))
+    true = np.zeros((4, 8), dtype=bool)
+    for i, ts in data.img2txt.items():
+        true[i, ts] = True
+    true[0, 5] = true[2, 0] = True  # true, but LAVIS does not annotate them
+    student[0, 5] = 9.0  # the student's hardest "negative" of image 0 is a true match
+    groups = score_distributions(TableTeacher(table), None, data, student, k_hard=2, true=true)
+    assert list(groups) == ["positive", "true-match negative", "hard negative", "easy negative"]
+    np.testing.assert_allclose(sorted(groups["true-match negative"]["teacher"]), sorted([table[0, 5], table[2, 0]]))
+    hard_of_0 = [t for t in np.argsort(-student[0]) if not true[0, t]][:2]
+    np.testing.assert_allclose(groups["hard negative"]["student"][:2], student[0, hard_of_0])
+    assert groups["hard negative"]["summary"]["pairs"] == 8 and groups["easy negative"]["summary"]["pairs"] == 8
+    without = score_distributions(TableTeacher(table), None, data, student, k_hard=2)
+    assert "true-match negative" not in without and without["hard negative"]["student"][0] == 9.0
+    np.testing.assert_allclose(teacher_all_pairs(TableTeacher(table), torch.zeros(4, 3, 2, 2), data.text, chunk=5), table,
+                               rtol=1e-6)
