@@ -32,6 +32,7 @@ from lavis_cprd.reporting import (
     score_distributions,
     summarize,
     teacher_all_pairs,
+    val_at_best,
 )
 
 log = logging.getLogger("lavis_cprd.compare")
@@ -128,13 +129,15 @@ def evaluate(args, out: str, teacher_ckpt: str, ckpts: Dict[str, Dict[int, str]]
                     plot_score_distributions(dists, os.path.join(out, "score_distributions.png"), "teacher " + os.path.join(*teacher_ckpt.split(os.sep)[-2:]),
                                              f"student {labels[name]}, seed {seed}")
     table = [summarize(labels[name], runs[name]) for name in ckpts]
+    val = {name: [val_at_best(os.path.dirname(by_seed[s])) for s in sorted(by_seed)] for name, by_seed in ckpts.items()}
+    val_table = [summarize(labels[n], v) for n, v in val.items() if v and all(m is not None for m in v)]
     teacher_row = None
     if truth is not None and len(images) * len(dataset.text) <= MAX_TEACHER_PAIRS:
         i2t = teacher_all_pairs(teacher, images, dataset.text)
         metrics = RetrievalTask._report_metrics(i2t, i2t.T, dataset.txt2img, dataset.img2txt)
         metrics.update(relevance_metrics(i2t, truth["true"], truth["annotated"], truth.get("grades")))
         teacher_row = summarize(LABEL_TEACHER, [metrics])
-    return {"table": table, "teacher": teacher_row, "runs": runs, "labels": {n: labels[n] for n in ckpts},
+    return {"table": table, "val_table": val_table, "teacher": teacher_row, "runs": runs, "labels": {n: labels[n] for n in ckpts},
             "score_distributions": finding1, "kendall_tau": tau, "score_distributions_plotted": plotted,
             "device": str(device)}
 
@@ -199,6 +202,9 @@ def write_report(results: Dict, out: str) -> str:
         f"Gap to the baseline (means over seeds); on the first seed, the order agreement with the "
         f"teacher on the student's hard negatives and the mean scores (finding 1):\n\n{findings_table(results)}\n"
     )
+    if results.get("val_table") and "rel_map_at_r" in results["val_table"][0]:
+        report += ("\nThe same on the val split, at each run's best epoch (what choices are made on):\n\n"
+                   f"{relevance_table(results['val_table'])}\n")
     plot_metrics_per_method(results["runs"], results["labels"], PLOTTED_METRICS, os.path.join(out, "metrics.png"),
                             baseline="none", title=f"test split: mean over seeds {seeds} (bars), each seed (dots)")
     plotted = results["labels"][results["score_distributions_plotted"]]

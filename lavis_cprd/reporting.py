@@ -58,6 +58,21 @@ def best_epoch(checkpoint: str):
     return int(epoch) if isinstance(epoch, int) else None
 
 
+def val_at_best(run_dir: str) -> Optional[Dict[str, float]]:
+    """The val metrics a run logged (``metrics.json``) at the epoch its ``checkpoint_best.pth``
+    won: what choices are made on. None when the run logged none."""
+    import glob
+    import json
+    import os
+
+    logs = sorted(glob.glob(os.path.join(run_dir, "jobs", "*", "metrics.json")), key=os.path.getmtime)
+    epoch = best_epoch(os.path.join(run_dir, "checkpoint_best.pth"))
+    if not logs or epoch is None:
+        return None
+    with open(logs[-1]) as f:
+        return json.load(f).get(f"val/{epoch}")
+
+
 def _topk(scores: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 

@@ -106,6 +106,13 @@ def test_oracle_runs_and_relevance_metrics(compare_run):
     for key in ("r_mean", "rel_map_at_r", "rank_tau"):
         assert row[key] == pytest.approx(logged[key]), key
     assert "| model | seeds | r_mean | rel_map_at_r" in open(out / "results.md").read()
+    # val, at the epoch the run's best checkpoint won (choices are made on it)
+    epoch = torch.load(out / "cprd_oracle_seed0" / "checkpoint_best.pth", map_location="cpu", weights_only=True)["epoch"]
+    logged_val = json.load(open(os.path.join(job, "metrics.json")))[f"val/{epoch}"]
+    val_row = next(r for r in results["val_table"] if r["name"] == "cprd (oracle teacher)")
+    for key in ("r_mean", "rel_map_at_r", "rank_tau"):
+        assert val_row[key] == pytest.approx(logged_val[key]), key
+    assert "The same on the val split" in open(out / "results.md").read()
 
     # the teacher's row: its ITM score of every test pair, assembled here one image at a time
     from lavis.tasks.retrieval import RetrievalTask
