@@ -94,7 +94,10 @@ def test_gathered_mining_on_two_ranks_equals_one_process(two_ranks):
     # gradients through all_gather_with_grad, averaged over ranks, equal the single-process ones
     assert set(r[0]["grads"]) == set(grads)
     for name, g in grads.items():
-        torch.testing.assert_close(r[0]["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+        # float32 sums in another order (1 thread per rank vs several): the tolerance scales
+        # with the tensor's largest gradient; a wrong gather or average is off by O(1) of it
+        torch.testing.assert_close(r[0]["grads"][name], g, rtol=1e-4, atol=1e-6 + 1e-4 * float(g.abs().max()),
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_sharded_evaluation_equals_single_process(two_ranks):
