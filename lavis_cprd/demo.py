@@ -4,8 +4,9 @@
 2. teacher: ITC pre-training of its towers, then LAVIS's BLIP retrieval objective (ITC + ITM
    with hard negatives) trains a tiny cross-encoder from them (skipped when its checkpoint
    exists);
-3. students: the same dual encoder, seed and schedule, trained with ITC only (baseline) and
-   with ITC + CPRD distilled from that teacher, for each seed;
+3. students: the same dual encoder, seed and schedule, trained with ITC only (baseline),
+   with ITC + CPRD distilled from that teacher, and with ITC + CPRD from the
+   ``shapes_oracle`` teacher (the upper bound of what a teacher can give), for each seed;
 4. evaluation with LAVIS's ``_report_metrics`` on the test split, a Markdown table,
    ``results.json``, a figure of score distributions and Kendall's tau on hard negatives.
 
@@ -49,7 +50,12 @@ REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 TEACHER_ITC_CFG = os.path.join(REPO_CONFIGS, "teacher_itc_tiny_shapes.yaml")
 TEACHER_CFG = os.path.join(REPO_CONFIGS, "teacher_blip_tiny_shapes.yaml")
 STUDENT_CFG = os.path.join(REPO_CONFIGS, "cprd_tiny_shapes.yaml")
-METHODS = {"baseline": ["model.distill.loss=none"], "cprd": ["model.distill.loss=cprd"]}
+METHODS = {
+    "baseline": ["model.distill.loss=none"],
+    "cprd": ["model.distill.loss=cprd"],
+    # the upper bound of what a teacher can give: CPRD from the scene specs' graded relevance
+    "cprd_oracle": ["model.distill.loss=cprd", "model.distill.teacher.arch=shapes_oracle"],
+}
 log = logging.getLogger("lavis_cprd.demo")
 
 
@@ -211,6 +217,7 @@ def evaluate(args, out: str, teacher_ckpt: str, student_ckpts: Dict[str, Dict[in
         summarize("teacher: its dual (ITC) part only", [report(*teacher_itc)]),
         summarize("student: ITC only (baseline)", runs["baseline"]),
         summarize("student: ITC + CPRD", runs["cprd"]),
+        summarize("student: ITC + CPRD, oracle teacher (upper bound)", runs["cprd_oracle"]),
     ]
     k_hard = int(cfg.model_cfg.distill.num_hard_negatives)
     dists = score_distributions(teacher, images, dataset, sims[f"cprd_seed{first_seed}"], k_hard=max(k_hard, 8))

@@ -38,16 +38,17 @@ def test_demo_writes_table_json_figure(demo_run):
     out, log = demo_run
     results = json.load(open(out / "results.json"))
     names = [row["name"] for row in results["table"]]
-    assert len(names) == 5 and names[-2:] == ["student: ITC only (baseline)", "student: ITC + CPRD"]
-    assert sum("teacher" in n for n in names) == 3
+    assert len(names) == 6 and names[-3:] == ["student: ITC only (baseline)", "student: ITC + CPRD",
+                                              "student: ITC + CPRD, oracle teacher (upper bound)"]
+    assert sum(n.startswith("teacher") for n in names) == 3
     for row in results["table"]:
         assert {"txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"} <= set(row)
-    assert set(results["kendall_tau"]) == {"baseline", "cprd"}
+    assert set(results["kendall_tau"]) == {"baseline", "cprd", "cprd_oracle"}
     assert all(-1 <= t <= 1 for t in results["kendall_tau"].values())
     assert set(results["score_distributions"]) == {"positive", "hard negative", "easy negative"}
     assert results["score_distributions"]["positive"]["pairs"] == 12 * 3
     binding = results["within_family_accuracy"]
-    assert set(binding) == {"chance", "teacher_itm", "teacher_itc", "baseline", "cprd"}
+    assert set(binding) == {"chance", "teacher_itm", "teacher_itc", "baseline", "cprd", "cprd_oracle"}
     assert len(binding["baseline"]) == len(binding["cprd"]) == 1
     assert 1 / 3 <= binding["chance"] <= 1  # families of at most 3 images
     assert all(0 <= a <= 1 for v in binding.values() for a in np.atleast_1d(v))
@@ -62,7 +63,7 @@ def test_demo_student_rows_match_training_test_metrics(demo_run):
     """The table's student metrics are the test metrics LAVIS logged for the same checkpoint."""
     out, _ = demo_run
     results = json.load(open(out / "results.json"))
-    for method in ("baseline", "cprd"):
+    for method in ("baseline", "cprd", "cprd_oracle"):
         (job,) = glob.glob(str(out / f"{method}_seed0" / "jobs" / "*"))
         logged = [json.loads(line) for line in open(os.path.join(job, "evaluate.txt"))][-1]
         ours = results["runs"][method][0]
@@ -76,5 +77,5 @@ def test_demo_reuses_finished_runs(demo_run):
     mtime = os.path.getmtime(teacher)
     log = demo(out)
     assert os.path.getmtime(teacher) == mtime
-    assert log.count("reusing") == 4  # teacher (two stages) + two students
+    assert log.count("reusing") == 5  # teacher (two stages) + three students
     assert "lavis_cprd.train" not in log.split("reusing")[0]
