@@ -23,6 +23,7 @@ from lavis_cprd.demo import common_parser, ensure_teacher, eval_split, load_trai
 from lavis_cprd.distill_config import DISTILL_LOSSES
 from lavis_cprd.relevance import dataset_relevance, relevance_metrics
 from lavis_cprd.reporting import (
+    checkpoint_label,
     best_epoch,
     kendall_tau_on_hard_negatives,
     markdown_table,
@@ -126,7 +127,7 @@ def evaluate(args, out: str, teacher_ckpt: str, ckpts: Dict[str, Dict[int, str]]
                 finding1[name] = {k: v["summary"] for k, v in dists.items()}
                 tau[name] = kendall_tau_on_hard_negatives(teacher, images, dataset, i2t, k=k_hard)
                 if name == plotted:
-                    plot_score_distributions(dists, os.path.join(out, "score_distributions.png"), "teacher " + os.path.join(*teacher_ckpt.split(os.sep)[-2:]),
+                    plot_score_distributions(dists, os.path.join(out, "score_distributions.png"), "teacher " + checkpoint_label(teacher_ckpt),
                                              f"student {labels[name]}, seed {seed}")
     table = [summarize(labels[name], runs[name]) for name in ckpts]
     val = {name: [val_at_best(os.path.dirname(by_seed[s])) for s in sorted(by_seed)] for name, by_seed in ckpts.items()}

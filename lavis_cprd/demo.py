@@ -35,6 +35,7 @@ from omegaconf import OmegaConf
 from lavis_cprd.checkpoints import atomic_write
 from lavis_cprd.launch import load_config
 from lavis_cprd.reporting import (
+    checkpoint_label,
     family_chance,
     family_pairs,
     kendall_tau_on_hard_negatives,
@@ -222,7 +223,7 @@ def evaluate(args, out: str, teacher_ckpt: str, student_ckpts: Dict[str, Dict[in
     k_hard = int(cfg.model_cfg.distill.num_hard_negatives)
     dists = score_distributions(teacher, images, dataset, sims[f"cprd_seed{first_seed}"], k_hard=max(k_hard, 8))
     plot_score_distributions(dists, os.path.join(out, "score_distributions.png"),
-                             "teacher " + os.path.join(*teacher_ckpt.split(os.sep)[-2:]), f"student ITC + CPRD, seed {first_seed}")
+                             "teacher " + checkpoint_label(teacher_ckpt), f"student ITC + CPRD, seed {first_seed}")
     tau = {
         method: kendall_tau_on_hard_negatives(teacher, images, dataset, sims[f"{method}_seed{first_seed}"], k=max(k_hard, 8))
         for method in student_ckpts

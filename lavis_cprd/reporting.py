@@ -3,6 +3,9 @@ score distributions, Kendall's tau between teacher and student orders, and withi
 (binding) accuracy on minimal-pair data."""
 from __future__ import annotations
 
+import glob
+import json
+import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -58,13 +61,14 @@ def best_epoch(checkpoint: str):
     return int(epoch) if isinstance(epoch, int) else None
 
 
+def checkpoint_label(path: str) -> str:
+    """A checkpoint named by its run folder and file (``teacher/checkpoint_best.pth``), for titles."""
+    return os.path.join(*os.path.normpath(path).split(os.sep)[-2:])
+
+
 def val_at_best(run_dir: str) -> Optional[Dict[str, float]]:
     """The val metrics a run logged (``metrics.json``) at the epoch its ``checkpoint_best.pth``
     won: what choices are made on. None when the run logged none."""
-    import glob
-    import json
-    import os
-
     logs = sorted(glob.glob(os.path.join(run_dir, "jobs", "*", "metrics.json")), key=os.path.getmtime)
     epoch = best_epoch(os.path.join(run_dir, "checkpoint_best.pth"))
     if not logs or epoch is None:

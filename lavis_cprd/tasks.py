@@ -20,7 +20,7 @@ from omegaconf import open_dict
 from lavis_cprd.checkpoints import atomic_write
 from lavis_cprd.datasets.checks import check_split, unknown_only_checker
 from lavis_cprd.datasets.coco_eccv import CONFIG_KEY as COCO_CAPTIONS_KEY
-from lavis_cprd.datasets.coco_eccv import dataset_coco_ids, eccv_metrics, resolve_captions_path, tag_coco_ids
+from lavis_cprd.datasets.coco_eccv import eccv_metrics, resolve_captions_path, tag_coco_ids
 from lavis_cprd.relevance import dataset_relevance, relevance_metrics
 
 # Loss terms the model returns next to ``loss``; their epoch means go to log.txt.
@@ -97,7 +97,7 @@ class CprdRetrievalTask(RetrievalTask):
         if truth is not None:
             rel = relevance_metrics(score_i2t, truth["true"], truth["annotated"], truth.get("grades"), score_t2i)
             result.update(rel)  # in log.txt and metrics.json; evaluate.txt keeps LAVIS's one line per evaluation
-        ids = dataset_coco_ids(dataset)
+        ids = getattr(dataset, "coco_ids", None)  # set by tag_coco_ids at build time
         if ids is not None:  # COCO with datasets.coco_retrieval.coco_captions: ECCV Caption and CxC positives
             result.update(eccv_metrics(score_i2t, score_t2i, *ids))
         logging.info(result)
@@ -278,4 +278,3 @@ def _caption_tokenizer(model_cfg):
     model_cls = registry.get_model_class(model_cfg.get("arch", ""))
     make = getattr(model_cls, "caption_tokenizer", None)
     return make(model_cfg) if make is not None else None
-

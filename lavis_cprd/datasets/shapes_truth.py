@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -149,8 +150,6 @@ def caption_facts(caption: str, scene: Sequence[dict]) -> List[bool]:
 
 def _distinct(fits: List[List[int]]) -> bool:
     """Distinct objects for every descriptor (a matching over the candidate lists)."""
-    import itertools
-
     return any(len(set(choice)) == len(choice) for choice in itertools.product(*fits))
 
 
