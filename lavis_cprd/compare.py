@@ -17,6 +17,7 @@ import os
 import time
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from lavis_cprd.demo import common_parser, ensure_teacher, eval_split, load_trained, train_run
@@ -93,6 +94,17 @@ def plan(args) -> List[Tuple[str, str, List[str]]]:
 
 
 @torch.no_grad()
+def teacher_metrics(teacher, images: torch.Tensor, dataset, truth: Dict[str, np.ndarray]) -> Dict[str, float]:
+    """LAVIS's metrics and the relevance-aware ones of the teacher's ITM on every pair of a
+    split: its full ranking, which LAVIS's ITC top-k re-rank hides."""
+    from lavis.tasks.retrieval import RetrievalTask
+
+    i2t = teacher_all_pairs(teacher, images, dataset.text)
+    metrics = RetrievalTask._report_metrics(i2t, i2t.T, dataset.txt2img, dataset.img2txt)
+    metrics.update(relevance_metrics(i2t, truth["true"], truth["annotated"], truth.get("grades")))
+    return metrics
+
+
 def evaluate(args, out: str, teacher_ckpt: str, ckpts: Dict[str, Dict[int, str]], labels: Dict[str, str]) -> Dict:
     from lavis.common.registry import registry
     from lavis.tasks.retrieval import RetrievalTask
@@ -134,10 +146,7 @@ def evaluate(args, out: str, teacher_ckpt: str, ckpts: Dict[str, Dict[int, str]]
     val_table = [summarize(labels[n], v) for n, v in val.items() if v and all(m is not None for m in v)]
     teacher_row = None
     if truth is not None and len(images) * len(dataset.text) <= MAX_TEACHER_PAIRS:
-        i2t = teacher_all_pairs(teacher, images, dataset.text)
-        metrics = RetrievalTask._report_metrics(i2t, i2t.T, dataset.txt2img, dataset.img2txt)
-        metrics.update(relevance_metrics(i2t, truth["true"], truth["annotated"], truth.get("grades")))
-        teacher_row = summarize(LABEL_TEACHER, [metrics])
+        teacher_row = summarize(LABEL_TEACHER, [teacher_metrics(teacher, images, dataset, truth)])
     return {"table": table, "val_table": val_table, "teacher": teacher_row, "runs": runs, "labels": {n: labels[n] for n in ckpts},
             "score_distributions": finding1, "kendall_tau": tau, "score_distributions_plotted": plotted,
             "device": str(device)}

@@ -196,3 +196,56 @@ def test_partial_grades_by_hand_and_unique_keys_unchanged():
     # the default (unique) mode keeps its folder names, hence its recorded results
     assert shapes.ShapesSpec().key == shapes.ShapesSpec(captions="unique").key
     assert "captions" not in json.dumps(shapes.ShapesSpec().key)
+
+
+def test_lookalike_captions_are_minimal_edits_false_of_their_scene(tmp_path):
+    """Every look-alike ITM negative differs from its caption by one attribute word (or the
+    two objects' order) and is false of the caption's own scene by the independent parse."""
+    import random
+
+    from lavis_cprd.datasets.shapes_truth import lookalike_caption
+
+    spec = shapes.ShapesSpec(seed=3, num_train=60, num_val=4, num_test=4, image_size=24, captions="partial")
+    ann = json.load(open(shapes.generate(str(tmp_path), spec)["train"]))
+    rng, swapped = random.Random(0), 0
+    for a in ann:
+        for _ in range(3):
+            text = lookalike_caption(a["caption"], a["scene"], rng)
+            assert _true_by_regex(a["caption"], a["scene"]) and not _true_by_regex(text, a["scene"])
+            old, new = a["caption"].split(), text.split()
+            if len(old) == len(new) and sum(x != y for x, y in zip(old, new)) == 1:
+                continue
+            swapped += 1  # "A to the left of B" -> "B to the left of A"
+            x, y = a["caption"][len("there is "):].split(" to the left of ")
+            assert text == f"there is {y} to the left of {x}"
+    assert 0 < swapped < len(ann)
+    # no false edit exists: every word of the vocabulary is true of this scene
+    scene = [{"shape": s, "color": c, "size": z, "slot": 0} for s in shapes.SHAPES for c in shapes.COLORS for z in shapes.SIZES]
+    assert lookalike_caption("there is a red circle", scene, rng) is None
+
+
+def test_extra_train_keeps_the_splits_and_never_repeats_a_held_out_scene(tmp_path):
+    """``extra_train`` (a teacher's larger pre-training set) appends images after the test
+    split: val, test and the first ``num_train`` images are those of ``extra_train=0``, byte
+    for byte, and no extra scene is a val or test scene."""
+    base = shapes.ShapesSpec(seed=2, num_train=30, num_val=20, num_test=20, image_size=24, captions="partial")
+    more = shapes.ShapesSpec(**{**base.__dict__, "extra_train": 200})
+    a, b = shapes.generate(str(tmp_path / "a"), base), shapes.generate(str(tmp_path / "b"), more)
+    for split in ("val", "test"):
+        assert open(a[split]).read() == open(b[split]).read()
+    train_a, train_b = json.load(open(a["train"])), json.load(open(b["train"]))
+    assert train_b[: len(train_a)] == train_a and len(train_b) == len(train_a) + 200 * 3
+    extra = train_b[len(train_a):]
+    held_out = {shapes.describe_all(e["scene"]) for s in ("val", "test") for e in json.load(open(a[s]))}
+    assert not {shapes.describe_all(e["scene"]) for e in extra} & held_out
+    assert len({e["image_id"] for e in train_b}) == 230
+    first = train_a[0]["image"]
+    assert open(tmp_path / "a" / first, "rb").read() == open(tmp_path / "b" / first, "rb").read()
+    assert base.key != more.key
+    # extra_train=0 is left out of the folder name, so earlier folders (and results) keep theirs
+    import hashlib
+    params = {k: v for k, v in base.__dict__.items() if k != "extra_train"}
+    blob = json.dumps({**params, "version": shapes.FORMAT_VERSION}, sort_keys=True).encode()
+    assert base.key == hashlib.sha1(blob).hexdigest()[:12]
+    with pytest.raises(ValueError, match="extra_train must be >= 0"):
+        shapes.ShapesSpec(extra_train=-1)

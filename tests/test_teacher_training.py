@@ -71,3 +71,33 @@ def test_text_tower_from_pretrained_minilm():
     torch.testing.assert_close(layer.attention.self.query.weight, ref_layer.attention.self.query.weight)
     torch.testing.assert_close(layer.output.dense.weight, ref_layer.output.dense.weight)
     assert layer.crossattention.self.key.weight.shape == (384, 32)
+
+
+def test_lookalike_term_is_itm_cross_entropy_on_the_edited_captions():
+    """With ``lookalike_text`` the loss grows by ``lookalike_weight * mean softplus(l)``, ``l``
+    the ITM match logit of (image, look-alike) read through BLIP's own ITM forward (the
+    2-class cross-entropy with label "no match"); samples whose look-alike equals the caption
+    (none found) are left out, and without the key the loss is BLIP's."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(2)
+    model = CprdBlipRetrieval.from_config(OmegaConf.create({**SIZES, "queue_size": 9, "lookalike_weight": 0.5}))
+    model.eval()  # attention dropout would draw differently in each forward
+    images = torch.randn(3, 3, 48, 48)
+    captions = ["there is a red circle", "there is a small shape", "there is a blue square"]
+    lookalikes = ["there is a green circle", "there is a small shape", "there is a blue triangle"]
+    base = {"image": images, "text_input": captions, "image_id": torch.arange(3), "epoch": 0, "iters": 0,
+            "num_iters_per_epoch": 10}
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # the ITC queues move on each call
+    torch.manual_seed(3)
+    plain = model(base).loss
+    model.load_state_dict(state)
+    torch.manual_seed(3)
+    out = model({**base, "lookalike_text": lookalikes})
+    kept = [0, 2]
+    itm = BlipITM.forward(model, {"image": images[kept], "text_input": [lookalikes[i] for i in kept]}, match_head="itm")
+    expected = F.softplus(itm[:, 1] - itm[:, 0]).mean()
+    torch.testing.assert_close(out.loss_lookalike, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, plain + 0.5 * expected, rtol=1e-5, atol=1e-6)
+    with __import__("pytest").raises(ValueError, match="lookalike_weight must be >= 0"):
+        CprdBlipRetrieval.from_config(OmegaConf.create({**SIZES, "lookalike_weight": -1}))

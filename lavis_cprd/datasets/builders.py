@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 
 from lavis.common.dist_utils import is_dist_avail_and_initialized, is_main_process
 from lavis.common.registry import registry
@@ -12,6 +13,25 @@ from lavis.datasets.datasets.retrieval_datasets import RetrievalDataset, Retriev
 import torch.distributed as dist
 
 from lavis_cprd.datasets.shapes import ShapesSpec, generate
+from lavis_cprd.datasets.shapes_truth import lookalike_caption
+
+
+class ShapesTrainDataset(RetrievalDataset):
+    """LAVIS's ``RetrievalDataset``; with ``lookalike_negatives`` on, each sample also carries
+    ``lookalike_text``: a minimal edit of its caption that is false of its scene (drawn anew
+    each time), for a cross-encoder's ITM (``cprd_blip_retrieval``'s ``lookalike_weight``)."""
+
+    lookalike_negatives = False
+
+    def __getitem__(self, index):
+        sample = super().__getitem__(index)
+        if self.lookalike_negatives:
+            ann = self.annotation[index]
+            text = lookalike_caption(ann["caption"], ann["scene"], random) or ann["caption"]
+            # an unedited caption (no false edit exists: never seen on cprd_shapes) is marked by
+            # an equal string, and the model skips it
+            sample["lookalike_text"] = self.text_processor(text)
+        return sample
 
 _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "datasets")
 
@@ -19,9 +39,11 @@ _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 @registry.register_builder("cprd_shapes")
 class ShapesBuilder(BaseDatasetBuilder):
     """Generates the synthetic shapes dataset under LAVIS's cache root (once per parameter
-    set: ``datasets.cprd_shapes.generator``), then builds LAVIS retrieval datasets on it."""
+    set: ``datasets.cprd_shapes.generator``), then builds LAVIS retrieval datasets on it.
+    ``datasets.cprd_shapes.lookalike_negatives: true`` adds look-alike captions to the train
+    samples (:class:`ShapesTrainDataset`)."""
 
-    train_dataset_cls = RetrievalDataset
+    train_dataset_cls = ShapesTrainDataset
     eval_dataset_cls = RetrievalEvalDataset
     DATASET_CONFIG_DICT = {"default": os.path.join(_CONFIG_DIR, "cprd_shapes.yaml")}
 
@@ -48,4 +70,7 @@ class ShapesBuilder(BaseDatasetBuilder):
             path = os.path.join(root, "annotations", f"{split}.json")
             self.config.build_info.annotations[split] = {"url": path, "storage": path}
         self.config.build_info.images.storage = root
-        return self.build()
+        datasets = self.build()
+        if "train" in datasets:
+            datasets["train"].lookalike_negatives = bool(self.config.get("lookalike_negatives", False))
+        return datasets

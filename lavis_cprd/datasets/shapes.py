@@ -50,18 +50,26 @@ class ShapesSpec:
     image_size: int = 48
     family_size: int = 3  # images per minimal-pair family (1 = independent scenes)
     captions: str = "unique"  # CAPTION_MODES: "unique" (true of one image) or "partial"
+    # Extra training images after the test split (a teacher's larger pre-training set): val,
+    # test and the first num_train images stay those of extra_train=0, and no extra scene
+    # repeats a val or test scene.
+    extra_train: int = 0
 
     def __post_init__(self):
         if self.captions not in CAPTION_MODES:
             raise ValueError(f"datasets.cprd_shapes.generator.captions: {self.captions!r}; choose from {list(CAPTION_MODES)}")
+        if self.extra_train < 0:
+            raise ValueError(f"datasets.cprd_shapes.generator.extra_train must be >= 0, got {self.extra_train}")
 
     @property
     def key(self) -> str:
         """Folder name: changes whenever a parameter (or the format version) changes. The
-        default caption mode is left out, so unique-mode folders keep their earlier names."""
+        default caption mode and ``extra_train=0`` are left out, so earlier folders keep their names."""
         params = asdict(self)
         if params["captions"] == "unique":
             del params["captions"]
+        if params["extra_train"] == 0:
+            del params["extra_train"]
         blob = json.dumps({**params, "version": FORMAT_VERSION}, sort_keys=True).encode()
         return hashlib.sha1(blob).hexdigest()[:12]
 
@@ -178,12 +186,12 @@ def render(scene: List[dict], size: int, rng: random.Random) -> Image.Image:
     return img
 
 
-def scenes(rng: random.Random, n: int, family_size: int) -> Tuple[List[List[dict]], List[int]]:
+def scenes(rng: random.Random, n: int, family_size: int, exclude: frozenset = frozenset()) -> Tuple[List[List[dict]], List[int]]:
     """``n`` distinct scenes, in families of a base scene and its minimal-pair twins, and the
-    family index of each scene."""
+    family index of each scene; none is in ``exclude`` (``describe_all`` strings)."""
     out: List[List[dict]] = []
     families: List[int] = []
-    seen = set()
+    seen = set(exclude)
     while len(out) < n:
         family = [random_scene(rng)]
         if describe_all(family[0]) in seen:
@@ -212,26 +220,35 @@ def generate(root: str, spec: ShapesSpec) -> Dict[str, str]:
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
     os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
     paths, counter = {}, 0
-    for split, n in (("train", spec.num_train), ("val", spec.num_val), ("test", spec.num_test)):
-        entries = []
-        split_scenes, families = scenes(rng, n, spec.family_size)
+    held_out = set()  # val and test scenes, which the extra training images never repeat
+    for split, n in (("train", spec.num_train), ("val", spec.num_val), ("test", spec.num_test), ("extra", spec.extra_train)):
+        if split == "extra" and n == 0:
+            break
+        split_scenes, families = scenes(rng, n, spec.family_size, exclude=frozenset(held_out) if split == "extra" else frozenset())
+        if split in ("val", "test"):
+            held_out.update(describe_all(sc) for sc in split_scenes)
+        name_split = "train" if split == "extra" else split
         key_counts: Dict[tuple, int] = collections.Counter(k for sc in split_scenes for k in caption_keys(sc))
+        entries = []
         for scene, family in zip(split_scenes, families):
-            image = f"images/{split}_{counter:06d}.png"
+            image = f"images/{name_split}_{counter:06d}.png"
             render(scene, spec.image_size, rng).save(os.path.join(root, image))
             if spec.captions == "partial":
                 caps = partial_captions(scene, rng, spec.captions_per_image)
             else:
                 caps = captions_for(scene, rng, spec.captions_per_image, key_counts)
-            if split == "train":
+            if name_split == "train":
                 entries += [
-                    {"image": image, "caption": c, "image_id": f"{split}_{counter}", "family": f"{split}_{family}", "scene": scene}
+                    {"image": image, "caption": c, "image_id": f"train_{counter}", "family": f"{split}_{family}", "scene": scene}
                     for c in caps
                 ]
             else:
                 entries.append({"image": image, "caption": caps, "family": f"{split}_{family}", "scene": scene})
             counter += 1
-        paths[split] = os.path.join(root, "annotations", f"{split}.json")
-        with open(paths[split], "w") as f:
+        paths[name_split] = os.path.join(root, "annotations", f"{name_split}.json")
+        if split == "extra":  # appended to train, after the first num_train images
+            with open(paths["train"]) as f:
+                entries = json.load(f) + entries
+        with open(paths[name_split], "w") as f:
             json.dump(entries, f)
     return paths

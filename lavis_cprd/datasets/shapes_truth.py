@@ -181,3 +181,29 @@ def scenes_by_image_id(annotation: Sequence[dict]) -> Dict:
             out[n] = ann["scene"]
         return out
     return {i: ann["scene"] for i, ann in enumerate(annotation)}
+
+
+_VOCAB = {**{c: tuple(COLORS) for c in COLORS}, **{s: SHAPES for s in SHAPES}, **{z: SIZES for z in SIZES}}
+_SWAPS = {"left": "right", "right": "left"}
+
+
+def lookalike_caption(caption: str, scene: Sequence[dict], rng) -> "str | None":
+    """A minimal edit of ``caption`` that is false of ``scene``: one colour, shape or size word
+    replaced by another of its kind, or (``left``/``right`` and ``to the left of``) the two
+    objects' order swapped. ``None`` when no tried edit is false (``rng``: ``random.Random``).
+    The look-alike ITM negatives a cross-encoder needs to learn attribute binding."""
+    words = caption.split()
+    edits = [(i, alt) for i, w in enumerate(words) for alt in _VOCAB.get(w, ()) if alt != w]
+    edits += [(i, _SWAPS[w]) for i, w in enumerate(words) if w in _SWAPS]
+    if " to the left of " in caption:
+        a, b = caption[len("there is "):].split(" to the left of ", 1)
+        edits.append((-1, f"there is {b} to the left of {a}"))
+    rng.shuffle(edits)
+    for i, alt in edits:
+        text = alt if i < 0 else " ".join([*words[:i], alt, *words[i + 1:]])
+        try:
+            if relevance(text, scene) < 1.0:
+                return text
+        except CaptionParseError:
+            continue
+    return None

@@ -10,11 +10,21 @@ momentum encoders copied from the *loaded* towers. ``pretrained`` may be a check
 towers (cross-attention layers start random); trained from scratch, ITM's gradients through
 the shared text tower stall ITC.
 Its checkpoints use BLIP's key names, so ``blip_image_text_matching`` teachers load them.
+
+One addition to the objective, on data that provides it: look-alike ITM negatives. When the
+train samples carry ``lookalike_text`` (``datasets.cprd_shapes.lookalike_negatives``), each
+image is also matched with a minimal edit of its caption that is false of it, as a negative:
+``loss += lookalike_weight * CE(itm_head(image, lookalike), 0)``. BLIP's own ITM negatives are
+other images' captions, which rarely differ in one attribute, so the tiny teacher never
+learned attribute binding from them (issue 16).
 """
 from __future__ import annotations
 
 import logging
 import os
+
+import torch
+import torch.nn.functional as F
 
 from lavis.common.registry import registry
 from lavis.models.blip_models.blip_retrieval import BlipRetrieval
@@ -44,6 +54,9 @@ class CprdBlipRetrieval(BlipRetrieval):
             negative_all_rank=bool(cfg.get("negative_all_rank", False)),
             max_txt_len=int(cfg.get("max_txt_len", 35)),
         )
+        model.lookalike_weight = float(cfg.get("lookalike_weight", 1.0))
+        if model.lookalike_weight < 0:
+            raise ValueError(f"model.lookalike_weight must be >= 0, got {model.lookalike_weight}")
         if cfg.get("load_finetuned", False) and cfg.get("finetuned"):
             model.load_checkpoint(cfg.finetuned)
         elif cfg.get("pretrained") and os.path.isfile(cfg.pretrained):
@@ -59,3 +72,28 @@ class CprdBlipRetrieval(BlipRetrieval):
         model.copy_params()
         model.reset_queue_ptr()
         return model
+
+    lookalike_weight = 1.0
+
+    def forward(self, samples):
+        """BLIP's ITC + ITM (LAVIS), plus the look-alike ITM term when samples carry one."""
+        output = super().forward(samples)
+        lookalikes = samples.get("lookalike_text")
+        if lookalikes is None or self.lookalike_weight == 0:
+            return output
+        keep = torch.tensor([a != b for a, b in zip(lookalikes, samples["text_input"])], device=self.device)
+        if not bool(keep.any()):
+            return output
+        image_embeds = output.intermediate_output.image_embeds[keep]
+        text = self.tokenizer([t for t, k in zip(lookalikes, keep.tolist()) if k], padding="max_length",
+                              truncation=True, max_length=self.max_txt_len, return_tensors="pt").to(self.device)
+        input_ids = text.input_ids.clone()
+        input_ids[:, 0] = self.tokenizer.enc_token_id  # ITM mode, as BLIP's own ITM forward
+        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
+        hidden = self.text_encoder(input_ids, attention_mask=text.attention_mask, encoder_hidden_states=image_embeds,
+                                   encoder_attention_mask=image_atts, return_dict=True).last_hidden_state[:, 0, :]
+        logits = self.itm_head(hidden)
+        loss_lookalike = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=self.device))
+        output.loss = output.loss + self.lookalike_weight * loss_lookalike
+        output.loss_lookalike = loss_lookalike
+        return output
