@@ -105,6 +105,7 @@ def teacher_metrics(teacher, images: torch.Tensor, dataset, truth: Dict[str, np.
     return metrics
 
 
+@torch.no_grad()
 def evaluate(args, out: str, teacher_ckpt: str, ckpts: Dict[str, Dict[int, str]], labels: Dict[str, str]) -> Dict:
     from lavis.common.registry import registry
     from lavis.tasks.retrieval import RetrievalTask

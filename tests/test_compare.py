@@ -128,6 +128,9 @@ def test_oracle_runs_and_relevance_metrics(compare_run):
     n_txt = len(dataset.text)
     scores = np.stack([itm.score(images, dataset.text, torch.tensor([[i, j] for j in range(n_txt)])).numpy()
                        for i in range(len(images))])
+    from lavis.common.registry import registry
+
+    registry.mapping["paths"]["output_dir"] = str(out)  # _report_metrics appends to evaluate.txt there
     expected = RetrievalTask._report_metrics(scores, scores.T, dataset.txt2img, dataset.img2txt)
     truth = dataset_relevance(dataset)
     expected.update(relevance_metrics(scores, truth["true"], truth["annotated"], truth["grades"]))

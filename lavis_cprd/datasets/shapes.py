@@ -245,10 +245,11 @@ def generate(root: str, spec: ShapesSpec) -> Dict[str, str]:
             else:
                 entries.append({"image": image, "caption": caps, "family": f"{split}_{family}", "scene": scene})
             counter += 1
+        if split == "train":
+            train_entries = entries
+        elif split == "extra":  # appended to train, after the first num_train images
+            entries = train_entries + entries
         paths[name_split] = os.path.join(root, "annotations", f"{name_split}.json")
-        if split == "extra":  # appended to train, after the first num_train images
-            with open(paths["train"]) as f:
-                entries = json.load(f) + entries
         with open(paths[name_split], "w") as f:
             json.dump(entries, f)
     return paths

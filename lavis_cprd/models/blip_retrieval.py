@@ -37,6 +37,7 @@ _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 @registry.register_model("cprd_blip_retrieval")
 class CprdBlipRetrieval(BlipRetrieval):
+    lookalike_weight = 1.0
     PRETRAINED_MODEL_CONFIG_DICT = {"tiny": os.path.join(_CONFIG_DIR, "cprd_blip_retrieval_tiny.yaml")}
 
     @classmethod
@@ -73,8 +74,6 @@ class CprdBlipRetrieval(BlipRetrieval):
         model.reset_queue_ptr()
         return model
 
-    lookalike_weight = 1.0
-
     def forward(self, samples):
         """BLIP's ITC + ITM (LAVIS), plus the look-alike ITM term when samples carry one."""
         output = super().forward(samples)
@@ -85,7 +84,7 @@ class CprdBlipRetrieval(BlipRetrieval):
         if not bool(keep.any()):
             return output
         image_embeds = output.intermediate_output.image_embeds[keep]
-        text = self.tokenizer([t for t, k in zip(lookalikes, keep.tolist()) if k], padding="max_length",
+        text = self.tokenizer([t for t, k in zip(lookalikes, keep.tolist()) if k], padding="longest",
                               truncation=True, max_length=self.max_txt_len, return_tensors="pt").to(self.device)
         input_ids = text.input_ids.clone()
         input_ids[:, 0] = self.tokenizer.enc_token_id  # ITM mode, as BLIP's own ITM forward
