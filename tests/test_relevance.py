@@ -249,3 +249,19 @@ def test_extra_train_keeps_the_splits_and_never_repeats_a_held_out_scene(tmp_pat
     assert base.key == hashlib.sha1(blob).hexdigest()[:12]
     with pytest.raises(ValueError, match="extra_train must be >= 0"):
         shapes.ShapesSpec(extra_train=-1)
+
+
+def test_hard_false_caption_is_the_most_relevant_false_one():
+    from lavis_cprd.datasets.shapes_truth import hard_false_caption
+
+    scene = [{"shape": "circle", "color": "red", "size": "small", "slot": 0},
+             {"shape": "square", "color": "blue", "size": "large", "slot": 2}]
+    captions = ["there is a red circle",  # true: never a negative
+                "there is a green triangle",  # 0
+                "there is a large red shape",  # 2/3
+                "there is a blue square to the left of a red circle",  # 6/7: the hardest false one
+                "there is a blue square to the left of a red circle"]
+    assert hard_false_caption(captions, scene) == captions[3]
+    assert hard_false_caption(captions[:3], scene) == captions[2]
+    assert hard_false_caption(["there is a red square", "there is a large red shape"], scene) == "there is a red square"  # tie: first
+    assert hard_false_caption(captions[:1], scene) is None

@@ -101,3 +101,32 @@ def test_lookalike_term_is_itm_cross_entropy_on_the_edited_captions():
     torch.testing.assert_close(out.loss, plain + 0.5 * expected, rtol=1e-5, atol=1e-6)
     with __import__("pytest").raises(ValueError, match="lookalike_weight must be >= 0"):
         CprdBlipRetrieval.from_config(OmegaConf.create({**SIZES, "lookalike_weight": -1}))
+
+
+def test_verified_itm_negatives_replace_blips_in_batch_ones():
+    """``itm_negatives: verified``: the ITM term is one cross-entropy over BLIP's positive pairs
+    (label 1) and the samples' look-alike and ``negative_text`` captions (label 0), entries equal
+    to their own caption left out; the ITC term is LAVIS's."""
+    import pytest
+    import torch.nn.functional as F
+
+    torch.manual_seed(4)
+    model = CprdBlipRetrieval.from_config(OmegaConf.create({**SIZES, "queue_size": 9, "itm_negatives": "verified"}))
+    model.eval()
+    images = torch.randn(3, 3, 48, 48)
+    captions = ["there is a red circle", "there is a small shape", "there is a blue square"]
+    samples = {"image": images, "text_input": captions, "image_id": torch.arange(3), "epoch": 0, "iters": 0,
+               "num_iters_per_epoch": 10,
+               "lookalike_text": ["there is a green circle", "there is a small shape", "there is a blue triangle"],
+               "negative_text": ["there is a large shape", "there is a red square", "there is a blue square"]}
+    out = model(samples)
+    itm = lambda idx, texts: BlipITM.forward(model, {"image": images[idx], "text_input": texts}, match_head="itm")
+    logits = torch.cat([itm([0, 1, 2], captions), itm([0, 2], [samples["lookalike_text"][i] for i in (0, 2)]),
+                        itm([0, 1], samples["negative_text"][:2])])
+    expected = F.cross_entropy(logits, torch.tensor([1, 1, 1, 0, 0, 0, 0]))
+    torch.testing.assert_close(out.loss_itm, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, out.loss_itc + expected)
+    with pytest.raises(ValueError, match="verified_negatives and lookalike_negatives"):
+        model({k: v for k, v in samples.items() if k != "negative_text"})
+    with pytest.raises(ValueError, match="'in_batch' or 'verified', got 'all'"):
+        CprdBlipRetrieval.from_config(OmegaConf.create({**SIZES, "itm_negatives": "all"}))

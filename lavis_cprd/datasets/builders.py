@@ -13,24 +13,33 @@ from lavis.datasets.datasets.retrieval_datasets import RetrievalDataset, Retriev
 import torch.distributed as dist
 
 from lavis_cprd.datasets.shapes import ShapesSpec, generate
-from lavis_cprd.datasets.shapes_truth import lookalike_caption
+from lavis_cprd.datasets.shapes_truth import hard_false_caption, lookalike_caption
 
 
 class ShapesTrainDataset(RetrievalDataset):
-    """LAVIS's ``RetrievalDataset``; with ``lookalike_negatives`` on, each sample also carries
-    ``lookalike_text``: a minimal edit of its caption that is false of its scene (drawn anew
-    each time), for a cross-encoder's ITM (``cprd_blip_retrieval``'s ``lookalike_weight``)."""
+    """LAVIS's ``RetrievalDataset``, plus verified-false captions for a cross-encoder's ITM
+    (``cprd_blip_retrieval``), drawn anew each time:
+
+    - ``lookalike_negatives``: ``lookalike_text``, a minimal edit of the caption that is false
+      of its scene;
+    - ``verified_negatives``: ``negative_text``, the most relevant caption false of the scene
+      among ``NEGATIVE_DRAWS`` random train captions (a generator-checked hard negative: under
+      partial captions, an in-batch "negative" is often true of the image).
+    An unedited caption (no false one found) is marked by an equal string; the model skips it."""
 
     lookalike_negatives = False
+    verified_negatives = False
+    NEGATIVE_DRAWS = 16
 
     def __getitem__(self, index):
         sample = super().__getitem__(index)
+        ann = self.annotation[index]
         if self.lookalike_negatives:
-            ann = self.annotation[index]
             text = lookalike_caption(ann["caption"], ann["scene"], random) or ann["caption"]
-            # an unedited caption (no false edit exists: never seen on cprd_shapes) is marked by
-            # an equal string, and the model skips it
             sample["lookalike_text"] = self.text_processor(text)
+        if self.verified_negatives:
+            draws = [a["caption"] for a in random.choices(self.annotation, k=self.NEGATIVE_DRAWS)]
+            sample["negative_text"] = self.text_processor(hard_false_caption(draws, ann["scene"]) or ann["caption"])
         return sample
 
 _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "datasets")
@@ -40,8 +49,8 @@ _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 class ShapesBuilder(BaseDatasetBuilder):
     """Generates the synthetic shapes dataset under LAVIS's cache root (once per parameter
     set: ``datasets.cprd_shapes.generator``), then builds LAVIS retrieval datasets on it.
-    ``datasets.cprd_shapes.lookalike_negatives: true`` adds look-alike captions to the train
-    samples (:class:`ShapesTrainDataset`)."""
+    ``datasets.cprd_shapes.lookalike_negatives`` / ``verified_negatives: true`` add verified
+    false captions to the train samples (:class:`ShapesTrainDataset`)."""
 
     train_dataset_cls = ShapesTrainDataset
     eval_dataset_cls = RetrievalEvalDataset
@@ -73,4 +82,5 @@ class ShapesBuilder(BaseDatasetBuilder):
         datasets = self.build()
         if "train" in datasets:
             datasets["train"].lookalike_negatives = bool(self.config.get("lookalike_negatives", False))
+            datasets["train"].verified_negatives = bool(self.config.get("verified_negatives", False))
         return datasets

@@ -207,3 +207,15 @@ def lookalike_caption(caption: str, scene: Sequence[dict], rng) -> "str | None":
         except CaptionParseError:
             continue
     return None
+
+
+def hard_false_caption(captions: Sequence[str], scene: Sequence[dict]) -> "str | None":
+    """The caption of ``captions`` most relevant to ``scene`` among those false of it (graded
+    relevance < 1; the first on ties), or ``None`` if all are true: a hard ITM negative that is
+    verified false, where an in-batch one may be a true match."""
+    best, best_rel = None, -1.0
+    for caption in captions:
+        rel = relevance(caption, scene)
+        if best_rel < rel < 1.0:
+            best, best_rel = caption, rel
+    return best

@@ -17,6 +17,12 @@ image is also matched with a minimal edit of its caption that is false of it, as
 ``loss += lookalike_weight * CE(itm_head(image, lookalike), 0)``. BLIP's own ITM negatives are
 other images' captions, which rarely differ in one attribute, so the tiny teacher never
 learned attribute binding from them (issue 16).
+
+``itm_negatives: verified`` goes further, for partial captions, where an in-batch negative is
+often true of the image (a label BLIP gets wrong): LAVIS's ITM term is dropped and replaced by
+one CE over BLIP's positive pairs, the look-alikes and ``negative_text`` (a hard caption the
+generator verified false: ``datasets.cprd_shapes.verified_negatives``), 1 positive : 2
+negatives, as BLIP's. LAVIS's ITC term is kept.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 @registry.register_model("cprd_blip_retrieval")
 class CprdBlipRetrieval(BlipRetrieval):
     lookalike_weight = 1.0
+    itm_negatives = "in_batch"
     PRETRAINED_MODEL_CONFIG_DICT = {"tiny": os.path.join(_CONFIG_DIR, "cprd_blip_retrieval_tiny.yaml")}
 
     @classmethod
@@ -56,6 +63,9 @@ class CprdBlipRetrieval(BlipRetrieval):
             max_txt_len=int(cfg.get("max_txt_len", 35)),
         )
         model.lookalike_weight = float(cfg.get("lookalike_weight", 1.0))
+        model.itm_negatives = str(cfg.get("itm_negatives", "in_batch"))
+        if model.itm_negatives not in ("in_batch", "verified"):
+            raise ValueError(f"model.itm_negatives must be 'in_batch' or 'verified', got {model.itm_negatives!r}")
         if model.lookalike_weight < 0:
             raise ValueError(f"model.lookalike_weight must be >= 0, got {model.lookalike_weight}")
         if cfg.get("load_finetuned", False) and cfg.get("finetuned"):
@@ -74,24 +84,52 @@ class CprdBlipRetrieval(BlipRetrieval):
         model.reset_queue_ptr()
         return model
 
-    def forward(self, samples):
-        """BLIP's ITC + ITM (LAVIS), plus the look-alike ITM term when samples carry one."""
-        output = super().forward(samples)
-        lookalikes = samples.get("lookalike_text")
-        if lookalikes is None or self.lookalike_weight == 0:
-            return output
-        keep = torch.tensor([a != b for a, b in zip(lookalikes, samples["text_input"])], device=self.device)
-        if not bool(keep.any()):
-            return output
-        image_embeds = output.intermediate_output.image_embeds[keep]
-        text = self.tokenizer([t for t, k in zip(lookalikes, keep.tolist()) if k], padding="longest",
-                              truncation=True, max_length=self.max_txt_len, return_tensors="pt").to(self.device)
+    def _itm_logits(self, image_embeds: torch.Tensor, texts) -> torch.Tensor:
+        """ITM logits of each image with its text, as BLIP's own ITM forward computes them."""
+        text = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.max_txt_len,
+                              return_tensors="pt").to(self.device)
         input_ids = text.input_ids.clone()
-        input_ids[:, 0] = self.tokenizer.enc_token_id  # ITM mode, as BLIP's own ITM forward
+        input_ids[:, 0] = self.tokenizer.enc_token_id  # ITM mode
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
         hidden = self.text_encoder(input_ids, attention_mask=text.attention_mask, encoder_hidden_states=image_embeds,
                                    encoder_attention_mask=image_atts, return_dict=True).last_hidden_state[:, 0, :]
-        logits = self.itm_head(hidden)
+        return self.itm_head(hidden)
+
+    def _negative_logits(self, image_embeds: torch.Tensor, samples, key: str) -> "torch.Tensor | None":
+        """ITM logits on the verified-false captions ``samples[key]``; an entry equal to its
+        own caption marks "none found" and is skipped."""
+        keep = [neg != own for neg, own in zip(samples[key], samples["text_input"])]
+        if not any(keep):
+            return None
+        return self._itm_logits(image_embeds[torch.tensor(keep, device=self.device)],
+                                [t for t, k in zip(samples[key], keep) if k])
+
+    def forward(self, samples):
+        """BLIP's ITC + ITM (LAVIS), plus the look-alike ITM term when samples carry one; with
+        ``itm_negatives: verified``, LAVIS's ITM term is replaced by one on the positives and the
+        samples' verified-false captions."""
+        output = super().forward(samples)
+        image_embeds = output.intermediate_output.image_embeds
+        if self.itm_negatives == "verified":
+            missing = [k for k in ("negative_text", "lookalike_text") if k not in samples]
+            if missing:
+                raise ValueError(f"model.itm_negatives: verified needs train samples with {missing}: set "
+                                 "datasets.cprd_shapes.verified_negatives and lookalike_negatives to true")
+            bs = len(samples["text_input"])
+            logits = [output.intermediate_output.itm_logits[:bs]]  # BLIP's positive pairs
+            logits += [x for x in (self._negative_logits(image_embeds, samples, k)
+                                   for k in ("lookalike_text", "negative_text")) if x is not None]
+            logits = torch.cat(logits)
+            labels = torch.zeros(len(logits), dtype=torch.long, device=self.device)
+            labels[:bs] = 1
+            output.loss_itm = F.cross_entropy(logits, labels)
+            output.loss = output.loss_itc + output.loss_itm
+            return output
+        if samples.get("lookalike_text") is None or self.lookalike_weight == 0:
+            return output
+        logits = self._negative_logits(image_embeds, samples, "lookalike_text")
+        if logits is None:
+            return output
         loss_lookalike = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=self.device))
         output.loss = output.loss + self.lookalike_weight * loss_lookalike
         output.loss_lookalike = loss_lookalike
