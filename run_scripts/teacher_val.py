@@ -6,6 +6,7 @@ relevance-aware ones, as JSON. Used to choose the teacher on val (issue 16).
 import argparse
 import json
 import os
+import tempfile
 
 import torch
 
@@ -23,6 +24,9 @@ p.add_argument("--cfg", default=STUDENT_CFG, help="the config whose dataset is e
 p.add_argument("--options", nargs="+", default=[])
 args = p.parse_args()
 dataset, _ = eval_split(args.cfg, args.options, args.split)
+from lavis.common.registry import registry  # noqa: E402
+
+registry.mapping["paths"]["output_dir"] = tempfile.mkdtemp()  # LAVIS's _report_metrics appends evaluate.txt there
 images = torch.cat([b["image"] for b in torch.utils.data.DataLoader(dataset, batch_size=64)])
 teacher = BlipITMTeacher(load_trained(args.ckpt, torch.device("cpu")))
 m = teacher_metrics(teacher, images, dataset, dataset_relevance(dataset))

@@ -265,3 +265,8 @@ def test_hard_false_caption_is_the_most_relevant_false_one():
     assert hard_false_caption(captions[:3], scene) == captions[2]
     assert hard_false_caption(["there is a red square", "there is a large red shape"], scene) == "there is a red square"  # tie: first
     assert hard_false_caption(captions[:1], scene) is None
+    from lavis_cprd.datasets.shapes_truth import other_true_caption
+
+    assert other_true_caption(captions, scene, own="there is a red circle") is None
+    assert other_true_caption(["there is a green triangle", "there is a large shape", "there is a red circle"], scene,
+                              own="there is a red circle") == "there is a large shape"

@@ -13,7 +13,7 @@ from lavis.datasets.datasets.retrieval_datasets import RetrievalDataset, Retriev
 import torch.distributed as dist
 
 from lavis_cprd.datasets.shapes import ShapesSpec, generate
-from lavis_cprd.datasets.shapes_truth import hard_false_caption, lookalike_caption
+from lavis_cprd.datasets.shapes_truth import hard_false_caption, lookalike_caption, other_true_caption, relevance
 
 
 class ShapesTrainDataset(RetrievalDataset):
@@ -24,7 +24,9 @@ class ShapesTrainDataset(RetrievalDataset):
       of its scene;
     - ``verified_negatives``: ``negative_text``, the most relevant caption false of the scene
       among ``NEGATIVE_DRAWS`` random train captions (a generator-checked hard negative: under
-      partial captions, an in-batch "negative" is often true of the image).
+      partial captions, an in-batch "negative" is often true of the image),
+      ``random_negative_text``, the first false one (a random, mostly easy negative), and
+      ``positive_text``, one of those captions that is true of the scene (another image's).
     An unedited caption (no false one found) is marked by an equal string; the model skips it."""
 
     lookalike_negatives = False
@@ -40,6 +42,9 @@ class ShapesTrainDataset(RetrievalDataset):
         if self.verified_negatives:
             draws = [a["caption"] for a in random.choices(self.annotation, k=self.NEGATIVE_DRAWS)]
             sample["negative_text"] = self.text_processor(hard_false_caption(draws, ann["scene"]) or ann["caption"])
+            false = [c for c in draws if relevance(c, ann["scene"]) < 1.0]
+            sample["random_negative_text"] = self.text_processor(false[0] if false else ann["caption"])
+            sample["positive_text"] = self.text_processor(other_true_caption(draws, ann["scene"], ann["caption"]) or ann["caption"])
         return sample
 
 _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "datasets")

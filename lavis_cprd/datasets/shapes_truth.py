@@ -219,3 +219,9 @@ def hard_false_caption(captions: Sequence[str], scene: Sequence[dict]) -> "str |
         if best_rel < rel < 1.0:
             best, best_rel = caption, rel
     return best
+
+
+def other_true_caption(captions: Sequence[str], scene: Sequence[dict], own: str) -> "str | None":
+    """The first caption of ``captions`` other than ``own`` that is true of ``scene`` (graded
+    relevance 1), or ``None``: a verified positive that another image's annotation holds."""
+    return next((c for c in captions if c != own and relevance(c, scene) == 1.0), None)

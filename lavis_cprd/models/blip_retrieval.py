@@ -20,9 +20,10 @@ learned attribute binding from them (issue 16).
 
 ``itm_negatives: verified`` goes further, for partial captions, where an in-batch negative is
 often true of the image (a label BLIP gets wrong): LAVIS's ITM term is dropped and replaced by
-one CE over BLIP's positive pairs, the look-alikes and ``negative_text`` (a hard caption the
-generator verified false: ``datasets.cprd_shapes.verified_negatives``), 1 positive : 2
-negatives, as BLIP's. LAVIS's ITC term is kept.
+one CE over BLIP's positive pairs and the samples' ``positive_text`` (another image's caption
+the generator verified true), the look-alikes, ``negative_text`` (a hard caption verified
+false) and ``random_negative_text`` (a random false one; all from
+``datasets.cprd_shapes.verified_negatives``). LAVIS's ITC term is kept.
 """
 from __future__ import annotations
 
@@ -96,8 +97,8 @@ class CprdBlipRetrieval(BlipRetrieval):
         return self.itm_head(hidden)
 
     def _negative_logits(self, image_embeds: torch.Tensor, samples, key: str) -> "torch.Tensor | None":
-        """ITM logits on the verified-false captions ``samples[key]``; an entry equal to its
-        own caption marks "none found" and is skipped."""
+        """ITM logits on the verified captions ``samples[key]`` (false ones, or other true
+        ones); an entry equal to its own caption marks "none found" and is skipped."""
         keep = [neg != own for neg, own in zip(samples[key], samples["text_input"])]
         if not any(keep):
             return None
@@ -115,13 +116,14 @@ class CprdBlipRetrieval(BlipRetrieval):
             if missing:
                 raise ValueError(f"model.itm_negatives: verified needs train samples with {missing}: set "
                                  "datasets.cprd_shapes.verified_negatives and lookalike_negatives to true")
-            bs = len(samples["text_input"])
-            logits = [output.intermediate_output.itm_logits[:bs]]  # BLIP's positive pairs
-            logits += [x for x in (self._negative_logits(image_embeds, samples, k)
-                                   for k in ("lookalike_text", "negative_text")) if x is not None]
+            logits, labels = [output.intermediate_output.itm_logits[: len(samples["text_input"])]], [1]  # BLIP's positives
+            for key, label in (("positive_text", 1), ("lookalike_text", 0), ("negative_text", 0), ("random_negative_text", 0)):
+                x = self._negative_logits(image_embeds, samples, key) if key in samples else None
+                if x is not None:
+                    logits.append(x)
+                    labels.append(label)
+            labels = torch.cat([torch.full((len(x),), y, dtype=torch.long, device=self.device) for x, y in zip(logits, labels)])
             logits = torch.cat(logits)
-            labels = torch.zeros(len(logits), dtype=torch.long, device=self.device)
-            labels[:bs] = 1
             output.loss_itm = F.cross_entropy(logits, labels)
             output.loss = output.loss_itc + output.loss_itm
             return output
