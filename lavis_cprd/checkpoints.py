@@ -100,3 +100,14 @@ def find_resume_checkpoint(output_root: str) -> Optional[str]:
     if not scored:
         return None
     return max(scored)[2]
+
+
+def export_half(src: str, dst: str) -> None:
+    """A runner checkpoint reduced to what loading it needs: its weights in fp16 and its
+    ``model`` and ``datasets`` configs (no optimizer, scaler or RNG states). Small enough to
+    ship with the package (the embedded default's teacher); loading casts the weights back to
+    the model's dtype."""
+    ckpt = load_checkpoint(src)
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    config = {k: ckpt["config"][k] for k in ("model", "datasets") if k in ckpt.get("config", {})}
+    atomic_save({"model": weights, "config": config}, dst)

@@ -15,13 +15,14 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from lavis_cprd.demo import common_parser, ensure_teacher, eval_split, load_trained, train_run
-from lavis_cprd.distill_config import DISTILL_LOSSES
+from lavis_cprd.distill_config import DISTILL_LOSSES, LOSS_CANDIDATES
 from lavis_cprd.relevance import dataset_relevance, relevance_metrics
 from lavis_cprd.reporting import (
     checkpoint_label,
@@ -48,14 +49,18 @@ def parse_args(argv: Optional[List[str]]):
     p.add_argument("--ks", type=int, nargs="*", default=[2, 8], help="extra CPRD numbers of hard negatives to sweep")
     p.add_argument("--temperatures", nargs="*", default=[], help="extra CPRD distillation temperatures to sweep "
                    "(numbers or 'itc')")
-    p.add_argument("--oracle", action="store_true", help="also distil every cross-encoder run from the shapes_oracle "
-                   "teacher (ground truth of cprd_shapes: the upper bound of what a teacher can give)")
+    p.add_argument("--oracle", nargs="*", default=None, metavar="METHOD",
+                   help="also distil these cross-encoder methods (all of them when none is named) from the "
+                   "shapes_oracle teacher (ground truth of cprd_shapes: the upper bound of what a teacher can give)")
     p.add_argument("--no-trained-teacher", action="store_true", help="with --oracle: only the oracle runs "
                    "(the trained teacher is still used for the score statistics)")
     args = p.parse_args(argv)
     unknown = sorted(set(args.methods) - set(DISTILL_LOSSES))
     if unknown:
         p.error(f"unknown method(s) {unknown}; choose from {list(DISTILL_LOSSES)}")
+    unknown = sorted(set(args.oracle or []) - set(args.methods))
+    if unknown:
+        p.error(f"--oracle {unknown}: not among --methods {args.methods}")
     return args
 
 
@@ -81,16 +86,46 @@ def plan(args) -> List[Tuple[str, str, List[str]]]:
     runs += [(f"cprd_k{k}", f"cprd, K = {k}", [cprd, f"model.distill.num_hard_negatives={k}"]) for k in args.ks]
     runs += [(f"cprd_temp{t}", f"cprd, temperature {t}", [cprd, f"model.distill.temperature={t}"])
              for t in args.temperatures]
-    if not args.oracle:
+    if args.oracle is None:
         return runs
     out = []
     for name, label, options in runs:
-        cross = name != "none" and "model.distill.loss=conaclip" not in options
+        method = _loss_of(options)
+        cross = method not in ("none", "conaclip") and (not args.oracle or method in args.oracle)
         if not (cross and args.no_trained_teacher):
             out.append((name, label, options))
         if cross:
             out.append((f"{name}_oracle", f"{label} (oracle teacher)", [*options, *ORACLE_OPTIONS]))
     return out
+
+
+def _loss_of(options: List[str]) -> str:
+    return next(o for o in options if o.startswith("model.distill.loss=")).split("=", 1)[1]
+
+
+def train_students(args, out: str, teacher_ckpt: str, runs: List[Tuple[str, str, List[str]]]) -> Dict[str, Dict[int, str]]:
+    """Every (run, seed) of the plan trained (or reused) into ``out/NAME_seedS``, ``args.jobs``
+    at a time; returns ``{name: {seed: checkpoint}}`` in plan order."""
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    todo = [(name, seed, options) for seed in args.seeds for name, _, options in runs]
+    if args.jobs > 1:  # longest first, so no long run is left alone at the end: the teacher scores every in-batch pair
+        todo.sort(key=lambda job: LOSS_CANDIDATES.get(_loss_of(job[2])) != "all")
+    threads = None if args.jobs == 1 else max(1, torch.get_num_threads() // args.jobs)
+
+    def one(n: int, name: str, seed: int, options: List[str]) -> str:
+        log.info("[%d/%d] %s, seed %d", n, len(todo), name, seed)
+        opts = [*args.options, *args.student_options, *options, f"run.seed={seed}",
+                f"model.distill.teacher.checkpoint={teacher_ckpt}"]
+        return train_run(args.student_cfg, opts, os.path.join(out, f"{name}_seed{seed}"), threads)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(one, n, *job) for n, job in enumerate(todo, start=1)]
+        done = [f.result() for f in futures]  # the first failure is raised here
+    ckpts: Dict[str, Dict[int, str]] = {name: {} for name, _, _ in runs}
+    for (name, seed, _), ckpt in zip(todo, done):
+        ckpts[name][seed] = ckpt
+    return ckpts
 
 
 @torch.no_grad()
@@ -163,13 +198,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 
     teacher_ckpt = os.path.abspath(ensure_teacher(args, out))
     runs = plan(args)
-    ckpts: Dict[str, Dict[int, str]] = {}
-    total = len(runs) * len(args.seeds)
-    for n, (seed, (name, _, options)) in enumerate(((s, r) for s in args.seeds for r in runs), start=1):
-        log.info("[%d/%d] %s, seed %d", n, total, name, seed)
-        teacher = f"model.distill.teacher.checkpoint={teacher_ckpt}"
-        opts = [*args.options, *args.student_options, *options, f"run.seed={seed}", teacher]
-        ckpts.setdefault(name, {})[seed] = train_run(args.student_cfg, opts, os.path.join(out, f"{name}_seed{seed}"))
+    ckpts = train_students(args, out, teacher_ckpt, runs)
 
     results = evaluate(args, out, teacher_ckpt, ckpts, {name: label for name, label, _ in runs})
     results.update(seeds=args.seeds, teacher_checkpoint=teacher_ckpt, seconds=time.time() - t_start)

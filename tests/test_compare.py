@@ -12,7 +12,11 @@ import torch
 from PIL import Image
 
 from conftest import REPO
-from test_demo import MICRO
+from test_demo import MICRO as DEMO_MICRO
+
+# compare's mechanics on the unique-caption mode (a mined negative is never a true match), with
+# the packaged teacher
+MICRO = [*DEMO_MICRO, "datasets.cprd_shapes.generator.captions=unique"]
 
 RUNS = {  # run name -> (table label, expected distill config)
     "none": ("ITC only (baseline)", {"loss": "none"}),
@@ -86,6 +90,8 @@ def test_unknown_method_lists_the_choices(tmp_path):
     proc = compare(tmp_path, "--methods", "cprd", "distill_typo")
     assert proc.returncode == 2
     assert "unknown method(s) ['distill_typo']" in proc.stderr and "'listmle_full'" in proc.stderr
+    proc = compare(tmp_path, "--methods", "none", "cprd", "--oracle", "kl")
+    assert proc.returncode == 2 and "--oracle ['kl']: not among --methods ['none', 'cprd']" in proc.stderr
 
 
 def test_oracle_runs_and_relevance_metrics(compare_run):
@@ -124,7 +130,7 @@ def test_oracle_runs_and_relevance_metrics(compare_run):
 
     dataset, _ = eval_split("configs/cprd_tiny_shapes.yaml", MICRO[1:])
     images = torch.cat([b["image"] for b in DataLoader(dataset, batch_size=64)])
-    itm = BlipITMTeacher(load_trained(str(out / "teacher" / "checkpoint_best.pth"), torch.device("cpu")))
+    itm = BlipITMTeacher(load_trained(results["teacher_checkpoint"], torch.device("cpu")))
     n_txt = len(dataset.text)
     scores = np.stack([itm.score(images, dataset.text, torch.tensor([[i, j] for j in range(n_txt)])).numpy()
                        for i in range(len(images))])
@@ -144,11 +150,11 @@ def test_diagnose_reports_teacher_quality(compare_run, tmp_path):
     positive-first rate equals a direct count over the scores it saved; with the oracle as
     teacher, the positive always comes first (no mined negative is a true match on unique-caption
     data) and the teacher agrees with the ground truth perfectly."""
-    out, _ = compare_run
+    out, results = compare_run
     ckpt = out / "cprd_seed0" / "checkpoint_best.pth"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     reports = {}
-    for name, extra in (("trained", ["--teacher-ckpt", str(out / "teacher" / "checkpoint_best.pth")]),
+    for name, extra in (("trained", ["--teacher-ckpt", results["teacher_checkpoint"]]),
                         ("oracle", ["--options", *MICRO[1:], "model.distill.teacher.arch=shapes_oracle"])):
         args = ["--options", *MICRO[1:]] if name == "trained" else []
         proc = subprocess.run(

@@ -105,8 +105,9 @@ def test_lookalike_term_is_itm_cross_entropy_on_the_edited_captions():
 
 def test_verified_itm_negatives_replace_blips_in_batch_ones():
     """``itm_negatives: verified``: the ITM term is one cross-entropy over BLIP's positive pairs
-    (label 1) and the samples' look-alike and ``negative_text`` captions (label 0), entries equal
-    to their own caption left out; the ITC term is LAVIS's."""
+    and the samples' ``positive_text`` (label 1) and their look-alike, ``negative_text`` and
+    ``random_negative_text`` captions (label 0), entries equal to their own caption left out;
+    the ITC term is LAVIS's."""
     import pytest
     import torch.nn.functional as F
 
@@ -118,15 +119,42 @@ def test_verified_itm_negatives_replace_blips_in_batch_ones():
     samples = {"image": images, "text_input": captions, "image_id": torch.arange(3), "epoch": 0, "iters": 0,
                "num_iters_per_epoch": 10,
                "lookalike_text": ["there is a green circle", "there is a small shape", "there is a blue triangle"],
-               "negative_text": ["there is a large shape", "there is a red square", "there is a blue square"]}
+               "negative_text": ["there is a large shape", "there is a red square", "there is a blue square"],
+               "positive_text": ["there is a red circle", "there is a shape", "there is a square"],
+               "random_negative_text": ["there is a green triangle"] * 3}
     out = model(samples)
     itm = lambda idx, texts: BlipITM.forward(model, {"image": images[idx], "text_input": texts}, match_head="itm")
-    logits = torch.cat([itm([0, 1, 2], captions), itm([0, 2], [samples["lookalike_text"][i] for i in (0, 2)]),
-                        itm([0, 1], samples["negative_text"][:2])])
-    expected = F.cross_entropy(logits, torch.tensor([1, 1, 1, 0, 0, 0, 0]))
+    logits = torch.cat([itm([0, 1, 2], captions), itm([1, 2], samples["positive_text"][1:]),
+                        itm([0, 2], [samples["lookalike_text"][i] for i in (0, 2)]),
+                        itm([0, 1], samples["negative_text"][:2]), itm([0, 1, 2], samples["random_negative_text"])])
+    expected = F.cross_entropy(logits, torch.tensor([1, 1, 1, 1, 1] + [0] * 7))
     torch.testing.assert_close(out.loss_itm, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.loss, out.loss_itc + expected)
     with pytest.raises(ValueError, match="verified_negatives and lookalike_negatives"):
         model({k: v for k, v in samples.items() if k != "negative_text"})
     with pytest.raises(ValueError, match="'in_batch' or 'verified', got 'all'"):
         CprdBlipRetrieval.from_config(OmegaConf.create({**SIZES, "itm_negatives": "all"}))
+
+
+def test_packaged_teacher_loads_in_the_itm_adapter_and_beats_a_random_one_on_val(tmp_path):
+    """The cross-encoder shipped with the package (the demo's teacher) loads through the
+    blip_image_text_matching adapter and ranks the val split (every pair, partial captions) far
+    above a randomly initialised teacher of the same architecture."""
+    from lavis.common.registry import registry as lavis_registry
+
+    from lavis_cprd.compare import teacher_metrics
+    from lavis_cprd.demo import PACKAGED_TEACHER, STUDENT_CFG, eval_split
+    from lavis_cprd.relevance import dataset_relevance
+    from lavis_cprd.teachers.blip_itm import architecture_from_checkpoint
+
+    dataset, _ = eval_split(STUDENT_CFG, [], "val")
+    lavis_registry.mapping["paths"]["output_dir"] = str(tmp_path)  # LAVIS's _report_metrics writes here
+    images = torch.cat([b["image"] for b in torch.utils.data.DataLoader(dataset, batch_size=64)])
+    truth = dataset_relevance(dataset)
+    trained = build_teacher(OmegaConf.create({"arch": "blip_image_text_matching", "checkpoint": PACKAGED_TEACHER}))
+    torch.manual_seed(0)
+    random_teacher = build_teacher(OmegaConf.create({"arch": "blip_image_text_matching", "checkpoint": "",
+                                                     "model": architecture_from_checkpoint(PACKAGED_TEACHER)}))
+    ours, chance = (teacher_metrics(t, images, dataset, truth) for t in (trained, random_teacher))
+    assert ours["rel_map_at_r"] > chance["rel_map_at_r"] + 5, (ours["rel_map_at_r"], chance["rel_map_at_r"])
+    assert ours["r_mean"] > chance["r_mean"] + 5
