@@ -58,6 +58,8 @@ def parse_args(argv: Optional[List[str]]):
     unknown = sorted(set(args.methods) - set(DISTILL_LOSSES))
     if unknown:
         p.error(f"unknown method(s) {unknown}; choose from {list(DISTILL_LOSSES)}")
+    if args.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {args.jobs}")
     unknown = sorted(set(args.oracle or []) - set(args.methods))
     if unknown:
         p.error(f"--oracle {unknown}: not among --methods {args.methods}")
@@ -106,8 +108,6 @@ def _loss_of(options: List[str]) -> str:
 def train_students(args, out: str, teacher_ckpt: str, runs: List[Tuple[str, str, List[str]]]) -> Dict[str, Dict[int, str]]:
     """Every (run, seed) of the plan trained (or reused) into ``out/NAME_seedS``, ``args.jobs``
     at a time; returns ``{name: {seed: checkpoint}}`` in plan order."""
-    if args.jobs < 1:
-        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     todo = [(name, seed, options) for seed in args.seeds for name, _, options in runs]
     if args.jobs > 1:  # longest first, so no long run is left alone at the end: the teacher scores every in-batch pair
         todo.sort(key=lambda job: LOSS_CANDIDATES.get(_loss_of(job[2])) != "all")
@@ -121,7 +121,11 @@ def train_students(args, out: str, teacher_ckpt: str, runs: List[Tuple[str, str,
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(one, n, *job) for n, job in enumerate(todo, start=1)]
-        done = [f.result() for f in futures]  # the first failure is raised here
+        try:
+            done = [f.result() for f in futures]
+        except BaseException:  # the first failure (or Ctrl-C): start no more runs, let the running one end
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
     ckpts: Dict[str, Dict[int, str]] = {name: {} for name, _, _ in runs}
     for (name, seed, _), ckpt in zip(todo, done):
         ckpts[name][seed] = ckpt

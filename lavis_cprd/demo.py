@@ -32,11 +32,10 @@ import time
 from argparse import Namespace
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from lavis_cprd.checkpoints import atomic_write, export_half
+from lavis_cprd.checkpoints import atomic_write, export_half, load_checkpoint
 from lavis_cprd.launch import load_config
 
 REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -123,6 +122,7 @@ def ensure_teacher(args: argparse.Namespace, out: str) -> str:
         if not os.path.isfile(PACKAGED_TEACHER):
             raise FileNotFoundError(f"the packaged teacher {PACKAGED_TEACHER} is missing: reinstall lavis-cprd, "
                                     "or train one with --retrain-teacher")
+        warn_if_other_data(args)
         return PACKAGED_TEACHER
     teacher_options = [*args.options, *args.teacher_options]
     towers = train_run(args.teacher_itc_cfg, teacher_options, os.path.join(out, "teacher_itc"))
@@ -131,6 +131,18 @@ def ensure_teacher(args: argparse.Namespace, out: str) -> str:
     if not os.path.isfile(export) or os.path.getmtime(export) < os.path.getmtime(trained):
         export_half(trained, export)
     return export
+
+
+def warn_if_other_data(args: argparse.Namespace) -> None:
+    """The packaged teacher learned ``cprd_shapes`` with its own generator settings (partial
+    captions); say so when the students' data differ, e.g. the unique-caption mode."""
+    stored = load_checkpoint(PACKAGED_TEACHER)["config"].get("datasets", {}).get("cprd_shapes", {}).get("generator", {})
+    cfg = load_config(Namespace(cfg_path=args.student_cfg, options=[*args.options, *args.student_options]))
+    ours = OmegaConf.to_container(cfg.datasets_cfg.get("cprd_shapes", {}).get("generator", {}) or {})
+    differ = [k for k in ("captions", "image_size") if stored.get(k) != ours.get(k)]  # what its ITM learned to read
+    if differ:
+        log.warning("the packaged teacher was trained on cprd_shapes with %s; the students' data differ in %s "
+                    "(use --retrain-teacher for a teacher of this data)", {k: stored.get(k) for k in differ}, differ)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
