@@ -23,7 +23,9 @@ often true of the image (a label BLIP gets wrong): LAVIS's ITM term is dropped a
 one CE over BLIP's positive pairs and the samples' ``positive_text`` (another image's caption
 the generator verified true), the look-alikes, ``negative_text`` (a hard caption verified
 false) and ``random_negative_text`` (a random false one; all from
-``datasets.cprd_shapes.verified_negatives``). LAVIS's ITC term is kept.
+``datasets.cprd_shapes.verified_negatives``). LAVIS's ITC term is kept; ``lookalike_weight``
+applies to ``in_batch`` only. LAVIS's forward still scores its in-batch pairs (the result is
+unused), a cost left in to keep its code uncopied.
 """
 from __future__ import annotations
 
