@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -119,11 +119,13 @@ def train_students(args, out: str, teacher_ckpt: str, runs: List[Tuple[str, str,
                 f"model.distill.teacher.checkpoint={teacher_ckpt}"]
         return train_run(args.student_cfg, opts, os.path.join(out, f"{name}_seed{seed}"), threads)
 
+    eval_split(args.student_cfg, [*args.options, *args.student_options])  # data generated once, before runs side by side
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = [pool.submit(one, n, *job) for n, job in enumerate(todo, start=1)]
         try:
+            wait(futures, return_when=FIRST_EXCEPTION)
             done = [f.result() for f in futures]
-        except BaseException:  # the first failure (or Ctrl-C): start no more runs, let the running one end
+        except BaseException:  # the first failure (or Ctrl-C): start no more runs, let the running ones end
             pool.shutdown(wait=True, cancel_futures=True)
             raise
     ckpts: Dict[str, Dict[int, str]] = {name: {} for name, _, _ in runs}

@@ -58,12 +58,13 @@ def common_parser(prog: str, description: str, default_output: str) -> argparse.
     p.add_argument("--teacher-itc-cfg", default=TEACHER_ITC_CFG, help="teacher stage 1: ITC pre-training of its towers")
     p.add_argument("--teacher-cfg", default=TEACHER_CFG, help="teacher stage 2: BLIP ITC + ITM fine-tuning")
     p.add_argument("--student-cfg", default=STUDENT_CFG)
-    p.add_argument("--teacher-ckpt", default=None, help="use this teacher checkpoint (default: the packaged one)")
-    p.add_argument("--retrain-teacher", action="store_true", help="train the teacher by the two-stage recipe "
+    teacher = p.add_mutually_exclusive_group()
+    teacher.add_argument("--teacher-ckpt", default=None, help="use this teacher checkpoint (default: the packaged one)")
+    teacher.add_argument("--retrain-teacher", action="store_true", help="train the teacher by the two-stage recipe "
                    f"(--teacher-itc-cfg, --teacher-cfg) and use its fp16 export ({TEACHER_EXPORT}, the packaged "
                    "teacher's format), instead of the packaged one")
     p.add_argument("--options", nargs="+", default=[], help="config overrides applied to every run (key=value)")
-    p.add_argument("--teacher-options", nargs="+", default=[], help="overrides for the teacher run only")
+    p.add_argument("--teacher-options", nargs="+", default=[], help="overrides for the teacher runs only (with --retrain-teacher)")
     p.add_argument("--student-options", nargs="+", default=[], help="overrides for the student runs only")
     p.add_argument("--jobs", type=int, default=1, help="student runs side by side, the CPU threads shared out "
                    "(default 1; on CPU, small students train faster two at a time than one at a time with two threads)")
@@ -135,11 +136,13 @@ def ensure_teacher(args: argparse.Namespace, out: str) -> str:
 
 def warn_if_other_data(args: argparse.Namespace) -> None:
     """The packaged teacher learned ``cprd_shapes`` with its own generator settings (partial
-    captions); say so when the students' data differ, e.g. the unique-caption mode."""
+    captions, seed 0, 1200 train images); say so when the students' data differ: another
+    caption mode, or other splits, whose val/test scenes may be among its train scenes."""
     stored = load_checkpoint(PACKAGED_TEACHER)["config"].get("datasets", {}).get("cprd_shapes", {}).get("generator", {})
     cfg = load_config(Namespace(cfg_path=args.student_cfg, options=[*args.options, *args.student_options]))
     ours = OmegaConf.to_container(cfg.datasets_cfg.get("cprd_shapes", {}).get("generator", {}) or {})
-    differ = [k for k in ("captions", "image_size") if stored.get(k) != ours.get(k)]  # what its ITM learned to read
+    # captions/image_size: what its ITM learned to read; seed/num_*: its train scenes may be the students' val/test ones
+    differ = sorted(k for k in set(stored) | set(ours) if k != "extra_train" and stored.get(k) != ours.get(k))
     if differ:
         log.warning("the packaged teacher was trained on cprd_shapes with %s; the students' data differ in %s "
                     "(use --retrain-teacher for a teacher of this data)", {k: stored.get(k) for k in differ}, differ)
@@ -149,7 +152,17 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     """``compare`` with the headline plan and ``output/demo``; later flags override."""
     from lavis_cprd import compare  # compare builds on this module's helpers
 
-    return compare.main([*HEADLINE, "--output", "output/demo", *(sys.argv[1:] if argv is None else argv)])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    given = argparse.ArgumentParser(add_help=False)
+    given.add_argument("--methods", nargs="+")
+    given.add_argument("--oracle", nargs="*")
+    given = given.parse_known_args(argv)[0]
+    headline = list(HEADLINE)
+    if given.methods is not None and given.oracle is None:  # the default oracle run only for methods still planned
+        at = headline.index("--oracle")
+        kept = [m for m in headline[at + 1:at + 2] if m in given.methods]
+        headline[at:at + 2] = ["--oracle", *kept] if kept else []
+    return compare.main([*headline, "--output", "output/demo", *argv])
 
 
 if __name__ == "__main__":

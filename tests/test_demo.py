@@ -100,3 +100,17 @@ def test_demo_reuses_finished_runs(demo_run):
     assert os.path.getmtime(export) == mtime
     assert log.count("reusing") == 6  # teacher (two stages) + four students
     assert "lavis_cprd.train" not in log.split("reusing")[0]
+
+
+def test_demo_warns_when_the_packaged_teachers_data_differ(caplog):
+    from argparse import Namespace
+
+    from lavis_cprd.demo import STUDENT_CFG, warn_if_other_data
+
+    args = Namespace(student_cfg=STUDENT_CFG, options=[], student_options=[])
+    with caplog.at_level("WARNING", logger="lavis_cprd.demo"):
+        warn_if_other_data(args)
+        assert not caplog.records  # the default config is the teacher's data
+        warn_if_other_data(Namespace(**{**vars(args), "options": ["datasets.cprd_shapes.generator.captions=unique"]}))
+    (record,) = caplog.records
+    assert "differ in ['captions']" in record.getMessage() and "--retrain-teacher" in record.getMessage()

@@ -270,3 +270,24 @@ def test_hard_false_caption_is_the_most_relevant_false_one():
     assert other_true_caption(captions, scene, own="there is a red circle") is None
     assert other_true_caption(["there is a green triangle", "there is a large shape", "there is a red circle"], scene,
                               own="there is a red circle") == "there is a large shape"
+
+
+def test_verified_train_samples_are_checked_against_their_scene():
+    """``verified_negatives``: each sample's ``negative_text`` and ``random_negative_text`` are
+    false of its scene, its ``positive_text`` true, by the independent regex parse (or equal to
+    its own caption: none found among the draws)."""
+    from lavis_cprd.demo import STUDENT_CFG, eval_split
+
+    options = ["datasets.cprd_shapes.generator.num_train=40", "datasets.cprd_shapes.generator.num_val=4",
+               "datasets.cprd_shapes.generator.num_test=4", "datasets.cprd_shapes.verified_negatives=true"]
+    train, _ = eval_split(STUDENT_CFG, options, "train")
+    random.seed(0)
+    found = {"negative_text": 0, "random_negative_text": 0, "positive_text": 0}
+    for index in range(len(train)):
+        sample, ann = train[index], train.annotation[index]
+        assert "lookalike_text" not in sample  # only with lookalike_negatives
+        for key, truth in (("negative_text", False), ("random_negative_text", False), ("positive_text", True)):
+            if sample[key] != sample["text_input"]:
+                found[key] += 1
+                assert _true_by_regex(sample[key], ann["scene"]) is truth, (key, sample[key], ann["scene"])
+    assert min(found.values()) > len(train) // 4, found
