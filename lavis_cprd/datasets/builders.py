@@ -41,10 +41,13 @@ class ShapesTrainDataset(RetrievalDataset):
             sample["lookalike_text"] = self.text_processor(text)
         if self.verified_negatives:
             draws = [a["caption"] for a in random.choices(self.annotation, k=self.NEGATIVE_DRAWS)]
-            sample["negative_text"] = self.text_processor(hard_false_caption(draws, ann["scene"]) or ann["caption"])
-            false = [c for c in draws if relevance(c, ann["scene"]) < 1.0]
+            grades = [relevance(c, ann["scene"]) for c in draws]  # parsed once per draw, read three times
+            false = [c for c, rel in zip(draws, grades) if rel < 1.0]
+            hardest = hard_false_caption(draws, ann["scene"], grades)
+            positive = other_true_caption(draws, ann["scene"], ann["caption"], grades)
+            sample["negative_text"] = self.text_processor(hardest or ann["caption"])
             sample["random_negative_text"] = self.text_processor(false[0] if false else ann["caption"])
-            sample["positive_text"] = self.text_processor(other_true_caption(draws, ann["scene"], ann["caption"]) or ann["caption"])
+            sample["positive_text"] = self.text_processor(positive or ann["caption"])
         return sample
 
 _CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "datasets")

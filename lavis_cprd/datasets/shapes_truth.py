@@ -209,19 +209,23 @@ def lookalike_caption(caption: str, scene: Sequence[dict], rng) -> "str | None":
     return None
 
 
-def hard_false_caption(captions: Sequence[str], scene: Sequence[dict]) -> "str | None":
+def hard_false_caption(captions: Sequence[str], scene: Sequence[dict],
+                       grades: "Sequence[float] | None" = None) -> "str | None":
     """The caption of ``captions`` most relevant to ``scene`` among those false of it (graded
     relevance < 1; the first on ties), or ``None`` if all are true: a hard ITM negative that is
-    verified false, where an in-batch one may be a true match."""
+    verified false, where an in-batch one may be a true match. ``grades``: their relevances,
+    if already computed."""
     best, best_rel = None, -1.0
-    for caption in captions:
-        rel = relevance(caption, scene)
+    for caption, rel in zip(captions, grades or [relevance(c, scene) for c in captions]):
         if best_rel < rel < 1.0:
             best, best_rel = caption, rel
     return best
 
 
-def other_true_caption(captions: Sequence[str], scene: Sequence[dict], own: str) -> "str | None":
+def other_true_caption(captions: Sequence[str], scene: Sequence[dict], own: str,
+                       grades: "Sequence[float] | None" = None) -> "str | None":
     """The first caption of ``captions`` other than ``own`` that is true of ``scene`` (graded
-    relevance 1), or ``None``: a verified positive that another image's annotation holds."""
-    return next((c for c in captions if c != own and relevance(c, scene) == 1.0), None)
+    relevance 1), or ``None``: a verified positive that another image's annotation holds.
+    ``grades``: their relevances, if already computed."""
+    grades = grades or [relevance(c, scene) for c in captions]
+    return next((c for c, rel in zip(captions, grades) if c != own and rel == 1.0), None)

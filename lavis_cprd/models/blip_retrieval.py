@@ -98,7 +98,7 @@ class CprdBlipRetrieval(BlipRetrieval):
                                    encoder_attention_mask=image_atts, return_dict=True).last_hidden_state[:, 0, :]
         return self.itm_head(hidden)
 
-    def _negative_logits(self, image_embeds: torch.Tensor, samples, key: str) -> "torch.Tensor | None":
+    def _verified_logits(self, image_embeds: torch.Tensor, samples, key: str) -> "torch.Tensor | None":
         """ITM logits on the verified captions ``samples[key]`` (false ones, or other true
         ones); an entry equal to its own caption marks "none found" and is skipped."""
         keep = [neg != own for neg, own in zip(samples[key], samples["text_input"])]
@@ -114,13 +114,14 @@ class CprdBlipRetrieval(BlipRetrieval):
         output = super().forward(samples)
         image_embeds = output.intermediate_output.image_embeds
         if self.itm_negatives == "verified":
-            missing = [k for k in ("negative_text", "lookalike_text") if k not in samples]
+            verified = (("positive_text", 1), ("lookalike_text", 0), ("negative_text", 0), ("random_negative_text", 0))
+            missing = [k for k, _ in verified if k not in samples]
             if missing:
                 raise ValueError(f"model.itm_negatives: verified needs train samples with {missing}: set "
                                  "datasets.cprd_shapes.verified_negatives and lookalike_negatives to true")
             logits, labels = [output.intermediate_output.itm_logits[: len(samples["text_input"])]], [1]  # BLIP's positives
-            for key, label in (("positive_text", 1), ("lookalike_text", 0), ("negative_text", 0), ("random_negative_text", 0)):
-                x = self._negative_logits(image_embeds, samples, key) if key in samples else None
+            for key, label in verified:
+                x = self._verified_logits(image_embeds, samples, key)
                 if x is not None:
                     logits.append(x)
                     labels.append(label)
@@ -131,7 +132,7 @@ class CprdBlipRetrieval(BlipRetrieval):
             return output
         if samples.get("lookalike_text") is None or self.lookalike_weight == 0:
             return output
-        logits = self._negative_logits(image_embeds, samples, "lookalike_text")
+        logits = self._verified_logits(image_embeds, samples, "lookalike_text")
         if logits is None:
             return output
         loss_lookalike = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=self.device))
