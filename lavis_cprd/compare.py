@@ -54,6 +54,10 @@ def parse_args(argv: Optional[List[str]]):
                    "shapes_oracle teacher (ground truth of cprd_shapes: the upper bound of what a teacher can give)")
     p.add_argument("--no-trained-teacher", action="store_true", help="with --oracle: only the oracle runs "
                    "(the trained teacher is still used for the score statistics)")
+    p.add_argument("--no-shared-scores", action="store_true", help="every run scores its own teacher pairs (by "
+                   "default the runs of one seed draw the same batches, so its first all-pair run records the "
+                   "trained teacher's logits and its other cross-encoder runs read them: the same numbers, "
+                   "less time)")
     args = p.parse_args(argv)
     unknown = sorted(set(args.methods) - set(DISTILL_LOSSES))
     if unknown:
@@ -105,23 +109,63 @@ def _loss_of(options: List[str]) -> str:
     return next(o for o in options if o.startswith("model.distill.loss=")).split("=", 1)[1]
 
 
+def _reads_trained_teacher(options: List[str]) -> bool:
+    """Whether a run scores pairs with the shared trained cross-encoder."""
+    return _loss_of(options) not in ("none", "conaclip") and not set(ORACLE_OPTIONS) <= set(options)
+
+
+def score_recorders(args, todo: List[Tuple[str, int, List[str]]]) -> Dict[int, str]:
+    """``{seed: run name}``: per seed, the first run of the plan that scores every in-batch pair
+    with the trained teacher (kl, listmle_full). It records the teacher's logits; the seed's
+    other cross-encoder runs draw the same batches and read them. None with
+    ``--no-shared-scores`` or when the overrides set a teacher cache themselves."""
+    given = [*args.options, *args.student_options]
+    if args.no_shared_scores or any(o.startswith(("model.distill.teacher_cache=", "model.distill.teacher_record="))
+                                    for o in given):
+        return {}
+    recorders: Dict[int, str] = {}
+    for name, seed, options in todo:
+        if _reads_trained_teacher(options) and LOSS_CANDIDATES.get(_loss_of(options)) == "all":
+            recorders.setdefault(seed, name)
+    return recorders
+
+
 def train_students(args, out: str, teacher_ckpt: str, runs: List[Tuple[str, str, List[str]]]) -> Dict[str, Dict[int, str]]:
     """Every (run, seed) of the plan trained (or reused) into ``out/NAME_seedS``, ``args.jobs``
-    at a time; returns ``{name: {seed: checkpoint}}`` in plan order."""
+    at a time; returns ``{name: {seed: checkpoint}}`` in plan order. The teacher's scores are
+    shared within a seed (``score_recorders``): a reading run waits for its recorder."""
     todo = [(name, seed, options) for seed in args.seeds for name, _, options in runs]
-    if args.jobs > 1:  # longest first, so no long run is left alone at the end: the teacher scores every in-batch pair
-        todo.sort(key=lambda job: LOSS_CANDIDATES.get(_loss_of(job[2])) != "all")
+    recorders = score_recorders(args, todo)
+    # Recorders first (their readers wait for them), then the other all-pair runs, the longest:
+    # no long run is left alone at the end.
+    todo.sort(key=lambda job: (recorders.get(job[1]) != job[0], LOSS_CANDIDATES.get(_loss_of(job[2])) != "all"))
     threads = None if args.jobs == 1 else max(1, torch.get_num_threads() // args.jobs)
+    recording: Dict[int, object] = {}  # seed -> the recorder's future
+
+    def scores_of(seed: int) -> str:
+        return os.path.join(out, f"{recorders[seed]}_seed{seed}", "teacher_scores")
 
     def one(n: int, name: str, seed: int, options: List[str]) -> str:
-        log.info("[%d/%d] %s, seed %d", n, len(todo), name, seed)
+        shared = []
+        if recorders.get(seed) == name:
+            shared = [f"model.distill.teacher_record={scores_of(seed)}"]
+        elif seed in recorders and _reads_trained_teacher(options):
+            recording[seed].result()  # queued before this run: never waits on a run not yet started
+            if os.path.isfile(os.path.join(scores_of(seed), "manifest.json")):  # absent if reused from before recording
+                shared = [f"model.distill.teacher_cache={scores_of(seed)}"]
+        log.info("[%d/%d] %s, seed %d%s", n, len(todo), name, seed,
+                 f" ({shared[0].split('.', 2)[2].split('=')[0]})" if shared else "")
         opts = [*args.options, *args.student_options, *options, f"run.seed={seed}",
-                f"model.distill.teacher.checkpoint={teacher_ckpt}"]
+                f"model.distill.teacher.checkpoint={teacher_ckpt}", *shared]
         return train_run(args.student_cfg, opts, os.path.join(out, f"{name}_seed{seed}"), threads)
 
     eval_split(args.student_cfg, [*args.options, *args.student_options])  # data generated once, before runs side by side
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(one, n, *job) for n, job in enumerate(todo, start=1)]
+        futures = []
+        for n, job in enumerate(todo, start=1):
+            futures.append(pool.submit(one, n, *job))
+            if recorders.get(job[1]) == job[0]:
+                recording[job[1]] = futures[-1]
         try:
             wait(futures, return_when=FIRST_EXCEPTION)
             done = [f.result() for f in futures]

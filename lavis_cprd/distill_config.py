@@ -140,6 +140,10 @@ class DistillConfig:
     # A folder written by `lavis-cprd cache-teacher`: cached teacher logits are used for the
     # pairs it holds, the teacher scores only the rest (cross-encoder losses).
     teacher_cache: Optional[str] = None
+    # A folder this run writes every teacher logit it computes to, in teacher_cache's format,
+    # at the end of each epoch: a later run that draws the same batches (same seed, data and
+    # batch size) with the same teacher reads it as its teacher_cache and scores nothing twice.
+    teacher_record: Optional[str] = None
 
     @classmethod
     def from_cfg(cls, cfg) -> "DistillConfig":
@@ -181,11 +185,12 @@ class DistillConfig:
             t if isinstance(t, ConaclipTerm) else ConaclipTerm.parse(dict(t), f"model.distill.conaclip[{i}]")
             for i, t in enumerate(self.conaclip)
         ]
-        if self.teacher_cache and self.teacher_kind != "cross":
-            raise ValueError(
-                f"model.distill.teacher_cache holds cross-encoder scores; loss={self.loss!r} uses a dual-encoder "
-                "teacher's embeddings: set teacher_cache: null"
-            )
+        for key in ("teacher_cache", "teacher_record"):
+            if getattr(self, key) and self.teacher_kind != "cross":
+                raise ValueError(
+                    f"model.distill.{key} holds cross-encoder scores; loss={self.loss!r} uses a dual-encoder "
+                    f"teacher's embeddings: set {key}: null"
+                )
         if self.loss != "none":
             from lavis_cprd.teachers import teacher_class
 

@@ -163,6 +163,8 @@ class CprdRetrievalTask(RetrievalTask):
             stats["skipped_nonfinite_steps"] = str(self.skipped_steps)
         for term, values in self._epoch_terms.items():
             stats[term] = "{:.4f}".format(sum(values) / len(values))
+        if hasattr(unwrapped, "save_teacher_record"):  # distill.teacher_record, once an epoch
+            unwrapped.save_teacher_record()
         logging.info("Epoch means: %s", {k: stats[k] for k in self._epoch_terms})
         return stats
 

@@ -109,6 +109,51 @@ def _read_manifest(root: str) -> Optional[dict]:
         return json.load(f)
 
 
+# --------------------------------------------------------------------------- recording
+class TeacherScoreRecord:
+    """The teacher logits a training run computed, kept to be saved as a cache folder
+    (``distill.teacher_record``): a later run on the same data with the same frozen teacher
+    reads it as its ``distill.teacher_cache``. Runs that draw the same batches (one seed, the
+    same data and batch size) then score no pair twice: ``compare`` lets one run of each seed
+    that scores every in-batch pair (kl) record, and that seed's other runs read it."""
+
+    def __init__(self):
+        self.caption_index: Dict[str, int] = {}
+        self.parts: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def add(self, image_ids: torch.Tensor, captions: Sequence[str], logits: torch.Tensor) -> None:
+        caption_ids = torch.tensor([self.caption_index.setdefault(c, len(self.caption_index)) for c in captions],
+                                   dtype=torch.long)
+        self.parts.append((image_ids.detach().cpu().long().view(-1), caption_ids, logits.detach().float().cpu().view(-1)))
+
+    def save(self, root: str, settings: Optional[dict] = None) -> int:
+        """Write (or rewrite) ``root`` as a one-shard cache of every pair recorded so far, the
+        records of all ranks merged; returns its number of distinct pairs. Call it on every rank."""
+        from lavis_cprd import dist
+
+        parts = dist.gather_objects({dist.get_rank(): (list(self.caption_index), self.parts)})
+        captions: Dict[str, int] = {}
+        image_ids, caption_ids, logits = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)], [torch.zeros(0)]
+        for rank in sorted(parts):
+            names, blocks = parts[rank]
+            remap = torch.tensor([captions.setdefault(c, len(captions)) for c in names] or [0], dtype=torch.long)
+            for img, cap, logit in blocks:
+                image_ids.append(img)
+                caption_ids.append(remap[cap])
+                logits.append(logit)
+        cache = TeacherScoreCache(list(captions), torch.cat(image_ids), torch.cat(caption_ids), torch.cat(logits))
+        if dist.get_rank() == 0:
+            os.makedirs(root, exist_ok=True)
+            # Sorted keys decode back to (image id, caption index); captions before the shard
+            # before the manifest, so a reader never sees a shard whose captions are missing.
+            atomic_json(list(captions), os.path.join(root, CAPTIONS))
+            atomic_save({"image": cache.keys // cache.num_captions, "caption": cache.keys % cache.num_captions,
+                         "logit": cache.logits}, shard_path(root, 0))
+            atomic_json({"version": CACHE_VERSION, "num_shards": 1, "recorded": True, "num_pairs": len(cache),
+                         "num_captions": len(captions), "settings": settings or {}}, os.path.join(root, MANIFEST))
+        return len(cache)
+
+
 # --------------------------------------------------------------------------- building
 class CacheItems:
     """A training split seen as the cache sees it: per item its image index and caption

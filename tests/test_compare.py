@@ -173,3 +173,32 @@ def test_diagnose_reports_teacher_quality(compare_run, tmp_path):
     assert reports["trained"]["norm_ratio"] > 0 and -1 <= reports["trained"]["cosine"] <= 1
     with Image.open(tmp_path / "trained" / "diagnose.png") as img:
         assert img.size[0] > 500
+
+
+def _logged_epochs(run_dir):
+    (job,) = glob.glob(str(run_dir / "jobs" / "*"))
+    return [json.loads(line) for line in open(os.path.join(job, "log.txt")) if "train_loss" in line]
+
+
+def test_runs_of_a_seed_share_the_teachers_scores(compare_run, tmp_path):
+    """kl (the first all-pair run) records the trained teacher's logits; the seed's other
+    cross-encoder runs read every pair they need from it (they draw the same batches), and train
+    as they would have without it (``--no-shared-scores``)."""
+    out, _ = compare_run
+    readers = ["cprd", "loopitr", "margin_mse", "listmle_full", "cprd_weight0.5", "cprd_k2"]
+    assert os.path.isfile(out / "kl_seed0" / "teacher_scores" / "manifest.json")
+    for name in readers:
+        rates = [float(e["train_teacher_cache_hit_rate"]) for e in _logged_epochs(out / f"{name}_seed0")]
+        assert rates and all(r == 1.0 for r in rates), (name, rates)
+    for name in ("none", "kl", "conaclip"):  # no teacher, the recorder, another teacher
+        assert all("train_teacher_cache_hit_rate" not in e for e in _logged_epochs(out / f"{name}_seed0")), name
+
+    proc = compare(tmp_path, "--methods", "cprd", "listmle_full", "--weights", "--ks", "--no-shared-scores")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    for name in ("cprd", "listmle_full"):
+        assert all("train_teacher_cache_hit_rate" not in e for e in _logged_epochs(tmp_path / f"{name}_seed0")), name
+        shared, own = (torch.load(d / f"{name}_seed0" / "checkpoint_best.pth", map_location="cpu", weights_only=True)["model"]
+                       for d in (out, tmp_path))
+        assert shared.keys() == own.keys()
+        for key in shared:  # bf16 teacher: a pair's logit may round differently in another call's company
+            assert torch.allclose(shared[key].float(), own[key].float(), atol=1e-3), (name, key)

@@ -147,3 +147,26 @@ def test_cli_builds_and_the_task_logs_the_hit_rate(setup):
     assert 0.0 < rate < 1.0  # M=2 holds some of the step's pairs, not all
     with pytest.raises(ValueError, match="teacher_cache holds cross-encoder scores; loss='conaclip'"):
         CprdDualEncoder.from_config(tiny_model_cfg(loss="conaclip", teacher_cache=out))
+
+
+def test_a_record_saves_what_was_scored_as_a_cache(tmp_path):
+    """``TeacherScoreRecord``: every added pair is found in the saved folder with the logit it
+    was first recorded with; rewriting after more steps keeps the earlier pairs."""
+    from lavis_cprd.teacher_cache import TeacherScoreRecord
+
+    record = TeacherScoreRecord()
+    record.add(torch.tensor([3, 3, 7]), ["a red cube", "two balls", "a red cube"], torch.tensor([1.5, -2.0, 0.25]))
+    assert record.save(str(tmp_path)) == 3
+    record.add(torch.tensor([7, 9]), ["a red cube", "two balls"], torch.tensor([9.0, -0.5]))  # (7, a red cube) again
+    assert record.save(str(tmp_path)) == 4
+    cache = TeacherScoreCache.load(str(tmp_path))
+    logits, hit = cache.lookup(torch.tensor([3, 3, 7, 9, 9]), ["a red cube", "two balls", "a red cube", "two balls", "a red cube"])
+    assert hit.tolist() == [True, True, True, True, False]
+    assert logits[:4].tolist() == [1.5, -2.0, 0.25, -0.5]
+
+
+def test_a_dual_encoder_teacher_cannot_record():
+    from lavis_cprd.distill_config import DistillConfig
+
+    with pytest.raises(ValueError, match="model.distill.teacher_record holds cross-encoder scores"):
+        DistillConfig.from_cfg({"loss": "conaclip", "teacher_record": "somewhere"})

@@ -30,7 +30,7 @@ from lavis_cprd.losses import (
 )
 from lavis_cprd.mining import all_negatives, first_occurrence_mask, mine_hard_negatives
 from lavis_cprd.models.encoders import blip_image_embeds, blip_text_embeds, build_text_encoder, build_vision_encoder
-from lavis_cprd.teacher_cache import TeacherScoreCache
+from lavis_cprd.teacher_cache import TeacherScoreCache, TeacherScoreRecord
 from lavis_cprd.teachers import FrozenTeacher, build_teacher, teacher_class
 from lavis_cprd.tokenization import load_blip_tokenizer
 
@@ -92,6 +92,7 @@ class CprdDualEncoder(BlipBase):
         self.tokenizer_path = tokenizer_path
         self._teacher: Optional[FrozenTeacher] = None
         self._teacher_cache: Optional[TeacherScoreCache] = None
+        self._teacher_record = TeacherScoreRecord() if self.distill.teacher_record else None
         self._cache_hit_rate: Optional[torch.Tensor] = None
         self._contributing_share: Optional[torch.Tensor] = None
         self.epoch = 0  # set by the task each training epoch (distill.start_epoch)
@@ -310,13 +311,27 @@ class CprdDualEncoder(BlipBase):
     def _score_pairs(self, images_all, captions_all, image_ids_all, pairs) -> torch.Tensor:
         cache = self.teacher_cache
         if cache is None:
-            return self.teacher.logit(images_all, captions_all, pairs, image_ids=image_ids_all)
+            logits = self.teacher.logit(images_all, captions_all, pairs, image_ids=image_ids_all)
+            self._record(image_ids_all, captions_all, pairs, logits)
+            return logits
         logits, hit = cache.lookup(image_ids_all[pairs[:, 0]], [captions_all[j] for j in pairs[:, 1].tolist()])
         logits, hit = logits.to(images_all.device), hit.to(images_all.device)
         if not bool(hit.all()):  # the teacher is built only when some pair is missing
             logits[~hit] = self.teacher.logit(images_all, captions_all, pairs[~hit], image_ids=image_ids_all)
+            self._record(image_ids_all, captions_all, pairs[~hit], logits[~hit])
         self._cache_hit_rate = hit.float().mean().detach()
         return logits
+
+    def _record(self, image_ids_all, captions_all, pairs, logits) -> None:
+        if self._teacher_record is not None:
+            self._teacher_record.add(image_ids_all[pairs[:, 0]], [captions_all[j] for j in pairs[:, 1].tolist()], logits)
+
+    def save_teacher_record(self) -> None:
+        """``distill.teacher_record``: write the teacher logits computed so far (every rank
+        calls this; the task does at each epoch's end)."""
+        if self._teacher_record is not None:
+            n = self._teacher_record.save(self.distill.teacher_record, {"teacher": dict(self.distill.teacher)})
+            logging.info("teacher record %s: %d pairs", self.distill.teacher_record, n)
 
     def _distill_direction(self, x_pos, x_neg, z_pos, z_neg, mask) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One direction's loss, reduced over all ranks' contributing (or all) queries, the mask
