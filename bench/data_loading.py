@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import lavis_cprd  # noqa: E402,F401
 from bench.common import sync, write_json  # noqa: E402
-from lavis_cprd.launch import build_runner  # noqa: E402
+from lavis_cprd.training.launch import build_runner  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

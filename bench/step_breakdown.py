@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import lavis_cprd  # noqa: E402,F401
 from bench.common import make_batch, measure, student_config, sync, write_json  # noqa: E402
-from lavis_cprd.models import dual_encoder  # noqa: E402
+from lavis_cprd.distill import objective  # noqa: E402
 from lavis_cprd.models.dual_encoder import CprdDualEncoder  # noqa: E402
 
 OPTIONS = ("fp32", "fused", "bf16", "compile", "ckpt")
@@ -103,7 +103,7 @@ def phase_timers(model: CprdDualEncoder, device: torch.device, spent: Dict[str, 
     targets = [(model, "encode_image", "student encoders (forward)"),
                (model, "encode_captions", "student encoders (forward)"),
                (teacher, "logit", "teacher scoring"),
-               (dual_encoder, "mine_hard_negatives", "hard-negative mining")]
+               (objective, "mine_hard_negatives", "hard-negative mining")]
     saved = [(owner, attr, vars(owner).get(attr, _MISSING)) for owner, attr, _ in targets]
     for owner, attr, name in targets:
         setattr(owner, attr, timed(name, getattr(owner, attr)))

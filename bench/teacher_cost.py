@@ -27,7 +27,7 @@ from omegaconf import OmegaConf  # noqa: E402
 import lavis_cprd  # noqa: E402,F401
 from bench.common import TOKENIZER, make_batch, student_config  # noqa: E402
 from lavis_cprd.models.dual_encoder import CprdDualEncoder  # noqa: E402
-from lavis_cprd.teacher_cache import TeacherScoreCache  # noqa: E402
+from lavis_cprd.distill.teacher_cache import TeacherScoreCache  # noqa: E402
 
 
 def model_config(size: str, loss: str, precision: str):
@@ -72,8 +72,7 @@ def one_step(model, batch, opt, device) -> float:
 
 def configure(model, variant: str, cache) -> None:
     model.distill.loss = "none" if variant == "no teacher" else "cprd"
-    model.distill.teacher_cache = "in-memory" if variant == "cached" else None
-    model._teacher_cache = cache if variant == "cached" else None
+    model.objective.use_teacher_cache(cache if variant == "cached" else None)
 
 
 def main(argv=None) -> dict:

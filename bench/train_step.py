@@ -53,8 +53,7 @@ def main(argv=None) -> dict:
     batch = make_batch(args.batch_size, int(sizes["image_size"]))
     teacher_precision = "bf16" if args.bf16 else "fp32"
     cached = student("cprd", args.k, teacher_precision)
-    cached._teacher_cache = full_cache(cached, batch)  # every pair of the batch: hit rate 1.0
-    cached.distill.teacher_cache = "in-memory"
+    cached.objective.use_teacher_cache(full_cache(cached, batch))  # every pair of the batch: hit rate 1.0
     models = {
         "ITC only (student)": student("none", args.k, teacher_precision),
         f"CPRD, K={args.k}, online teacher": student("cprd", args.k, teacher_precision),

@@ -21,7 +21,7 @@ from lavis_cprd.datasets.builders import ShapesBuilder  # noqa: F401,E402
 from lavis_cprd.models.blip_retrieval import CprdBlipRetrieval  # noqa: F401,E402
 from lavis_cprd.models.dual_encoder import CprdDualEncoder  # noqa: F401,E402
 from lavis_cprd.models.clip_student import CprdClipDualEncoder  # noqa: F401,E402
-from lavis_cprd.runner import CprdRunner  # noqa: F401,E402
-from lavis_cprd.tasks import CprdRetrievalTask  # noqa: F401,E402
+from lavis_cprd.training.runner import CprdRunner  # noqa: F401,E402
+from lavis_cprd.training.task import CprdRetrievalTask  # noqa: F401,E402
 
 __version__ = "0.1.0"

@@ -111,3 +111,46 @@ def export_half(src: str, dst: str) -> None:
     weights = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["model"].items()}
     config = {k: ckpt["config"][k] for k in ("model", "datasets") if k in ckpt.get("config", {})}
     atomic_save({"model": weights, "config": config}, dst)
+
+
+def stored_model_config(path: str, where: str = "checkpoint") -> Dict[str, Any]:
+    """The ``model`` config a LAVIS runner checkpoint was trained with (it says the sizes)."""
+    if not path or not os.path.isfile(path):
+        raise ValueError(f"{where}={path!r}: expected a trained checkpoint written by LAVIS's runner "
+                         "(its config says the sizes)")
+    return load_checkpoint(path)["config"]["model"]
+
+
+def model_from_checkpoint(path: str, device: Optional[torch.device] = None, where: str = "checkpoint", **overrides):
+    """The model a LAVIS runner checkpoint holds, rebuilt by its registry name from the config
+    stored with it and loaded with its weights (``overrides``: model config keys to replace,
+    e.g. ``distill={"loss": "none"}``). In eval mode, on ``device`` when given."""
+    from lavis.common.registry import registry
+    from omegaconf import OmegaConf
+
+    mcfg = OmegaConf.create(stored_model_config(path, where))
+    mcfg.load_finetuned, mcfg.finetuned, mcfg.pretrained = True, path, None
+    mcfg.pop("text_pretrained", None)  # the weights come from the checkpoint
+    for key, value in overrides.items():
+        mcfg[key] = value
+    model = registry.get_model_class(mcfg.arch).from_config(mcfg)
+    return (model if device is None else model.to(device)).eval()
+
+
+def load_weights(model, cfg, name: str, local_pretrained_as_checkpoint: bool = False) -> Optional[str]:
+    """LAVIS's rule (``load_checkpoint_from_config``), the one place our models apply it:
+    with ``load_finetuned``, the ``finetuned`` checkpoint (empty: none); else ``pretrained``;
+    else nothing, said in the log. ``local_pretrained_as_checkpoint``: a local ``pretrained``
+    file loads as a runner checkpoint (``BlipBase.load_from_pretrained`` expects BLIP's
+    momentum keys, which LAVIS runner checkpoints never hold). Returns what was loaded."""
+    if cfg.get("load_finetuned", False) and cfg.get("finetuned"):
+        model.load_checkpoint(cfg.finetuned)
+        return "finetuned"
+    if not cfg.get("load_finetuned", False) and cfg.get("pretrained"):
+        if local_pretrained_as_checkpoint and os.path.isfile(cfg.pretrained):
+            model.load_checkpoint(cfg.pretrained)
+        else:
+            model.load_from_pretrained(cfg.pretrained)
+        return "pretrained"
+    logging.info("%s: no checkpoint configured, weights are randomly initialised", name)
+    return None

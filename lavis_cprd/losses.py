@@ -1,6 +1,9 @@
 """Losses of lavis-cprd: pure functions over tensors.
 
-Every formula follows ``shared/method.md`` (the project's method reference). Shapes:
+Every formula follows ``shared/method.md`` (the project's method reference). The model reads
+the ``*_per_query`` forms (``distill.registry``); ``cprd_loss``, ``listmle_full_loss``,
+``kl_distill_loss`` and ``margin_mse_loss`` are their means over contributing queries, for use
+outside a student (evaluation scripts, other trainers). Shapes:
 ``Q`` queries, ``K`` hard negatives per query, ``C`` candidates. Student logits are
 similarities divided by the learnable temperature (``s / tau``).
 """
@@ -206,7 +209,8 @@ def feature_distill_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.
 
 
 def similarity_distill_loss(student_sim: torch.Tensor, teacher_sim: torch.Tensor) -> torch.Tensor:
-    """SD: ``L = ||S - T||_F^2 / (B C)`` for ``[B, C]`` similarity matrices (``/ B^2`` when square)."""
+    """SD: ``L = ||S - T||_F^2 / (B C)`` for ``[B, C]`` similarity matrices (``/ B^2`` when square).
+    Sym-SD is the same formula with two student matrices as mutual targets, both trained."""
     return (student_sim.float() - teacher_sim.float()).pow(2).mean()
 
 
@@ -218,11 +222,6 @@ def _row_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 def similarity_kl_loss(student_sim: torch.Tensor, teacher_sim: torch.Tensor, temp: float) -> torch.Tensor:
     """KL: ``L = 1/B sum_i KL( softmax(T_i / temp) || softmax(S_i / temp) )`` over rows."""
     return _row_kl(F.log_softmax(teacher_sim.float() / temp, dim=1), F.log_softmax(student_sim.float() / temp, dim=1))
-
-
-def sym_similarity_distill_loss(sim_a: torch.Tensor, sim_b: torch.Tensor) -> torch.Tensor:
-    """Sym-SD: two similarity matrices as mutual targets, both trained: ``||A - B||_F^2 / (B C)``."""
-    return similarity_distill_loss(sim_a, sim_b)
 
 
 def sym_similarity_kl_loss(sim_a: torch.Tensor, sim_b: torch.Tensor, temp: float) -> torch.Tensor:
@@ -273,7 +272,7 @@ def conaclip_loss(
         elif term.loss in ("sym_sd", "sym_kl"):
             c, d = feats(term.mirror)
             if term.loss == "sym_sd":
-                value = sym_similarity_distill_loss(a @ b.t(), c @ d.t())
+                value = similarity_distill_loss(a @ b.t(), c @ d.t())  # Sym-SD: both matrices trained
             else:
                 value = sym_similarity_kl_loss(a @ b.t(), c @ d.t(), term.temp)
         else:

@@ -6,4 +6,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
-exec python -m lavis_cprd.cli compare "$@"
+exec python -m lavis_cprd.apps.cli compare "$@"

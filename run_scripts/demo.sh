@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
-exec python -m lavis_cprd.cli demo "$@"
+exec python -m lavis_cprd.apps.cli demo "$@"

@@ -3,5 +3,5 @@
 # to the entry point, e.g. --options run.batch_size_train=16
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m torch.distributed.run --nproc_per_node="${NPROC:-8}" -m lavis_cprd.train \
+python -m torch.distributed.run --nproc_per_node="${NPROC:-8}" -m lavis_cprd.apps.train \
   --cfg-path configs/cprd_flickr30k_blip_base.yaml "$@"

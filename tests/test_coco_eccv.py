@@ -65,7 +65,7 @@ def test_coco_mapping_and_metrics_equal_eccv_caption(tmp_path, monkeypatch):
     import lavis.tasks as tasks
     from lavis.common.registry import registry
 
-    from lavis_cprd.launch import load_config
+    from lavis_cprd.training.launch import load_config
 
     rng = np.random.default_rng(0)
     root, splits, captions_json, ids, caption_ids, gts = _fake_coco(tmp_path, rng)

@@ -34,7 +34,7 @@ RUNS = {  # run name -> (table label, expected distill config)
 def compare(out, *extra):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     return subprocess.run(
-        [sys.executable, "-m", "lavis_cprd.cli", "compare", "--output", str(out), "--seeds", "0", "--weights", "0.5", "--ks", "2",
+        [sys.executable, "-m", "lavis_cprd.apps.cli", "compare", "--output", str(out), "--seeds", "0", "--weights", "0.5", "--ks", "2",
          *MICRO, *extra],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
@@ -124,7 +124,7 @@ def test_oracle_runs_and_relevance_metrics(compare_run):
     from lavis.tasks.retrieval import RetrievalTask
     from torch.utils.data import DataLoader
 
-    from lavis_cprd.demo import eval_split, load_trained
+    from lavis_cprd.apps.runs import eval_split, load_trained
     from lavis_cprd.relevance import dataset_relevance, relevance_metrics
     from lavis_cprd.teachers import BlipITMTeacher
 
@@ -158,7 +158,7 @@ def test_diagnose_reports_teacher_quality(compare_run, tmp_path):
                         ("oracle", ["--options", *MICRO[1:], "model.distill.teacher.arch=shapes_oracle"])):
         args = ["--options", *MICRO[1:]] if name == "trained" else []
         proc = subprocess.run(
-            [sys.executable, "-m", "lavis_cprd.cli", "diagnose", "--cfg-path", "configs/cprd_tiny_shapes.yaml", "--ckpt", str(ckpt),
+            [sys.executable, "-m", "lavis_cprd.apps.cli", "diagnose", "--cfg-path", "configs/cprd_tiny_shapes.yaml", "--ckpt", str(ckpt),
              "--batches", "2", "--output", str(tmp_path / name), *args, *extra],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
         )

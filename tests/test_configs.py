@@ -8,7 +8,7 @@ from lavis.common.config import Config
 from lavis.common.registry import registry
 
 from conftest import REPO
-from lavis_cprd.distill_config import DistillConfig
+from lavis_cprd.distill.config import DistillConfig
 from lavis_cprd.teachers import teacher_class
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))

@@ -23,7 +23,7 @@ REDUCED = ["--methods", "none", "cprd", "kl", "--oracle", "cprd", "--retrain-tea
 def demo(out, *extra):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(
-        [sys.executable, "-m", "lavis_cprd.cli", "demo", "--output", str(out), "--seeds", "0", *REDUCED, *MICRO, *extra],
+        [sys.executable, "-m", "lavis_cprd.apps.cli", "demo", "--output", str(out), "--seeds", "0", *REDUCED, *MICRO, *extra],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -99,16 +99,16 @@ def test_demo_reuses_finished_runs(demo_run):
     log = demo(out)
     assert os.path.getmtime(export) == mtime
     assert log.count("reusing") == 6  # teacher (two stages) + four students
-    assert "lavis_cprd.train" not in log.split("reusing")[0]
+    assert "lavis_cprd.apps.train" not in log.split("reusing")[0]
 
 
 def test_demo_warns_when_the_packaged_teachers_data_differ(caplog):
     from argparse import Namespace
 
-    from lavis_cprd.demo import STUDENT_CFG, warn_if_other_data
+    from lavis_cprd.apps.runs import STUDENT_CFG, warn_if_other_data
 
     args = Namespace(student_cfg=STUDENT_CFG, options=[], student_options=[])
-    with caplog.at_level("WARNING", logger="lavis_cprd.demo"):
+    with caplog.at_level("WARNING", logger="lavis_cprd.apps.runs"):
         warn_if_other_data(args)
         assert not caplog.records  # the default config is the teacher's data
         warn_if_other_data(Namespace(**{**vars(args), "options": ["datasets.cprd_shapes.generator.captions=unique"]}))

@@ -118,7 +118,7 @@ def test_torchrun_two_processes_train_and_report_lavis_metrics(retrieval_data, t
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-         "-m", "lavis_cprd.train", "--cfg-path", cfg],
+         "-m", "lavis_cprd.apps.train", "--cfg-path", cfg],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -134,7 +134,7 @@ def test_torchrun_two_processes_train_and_report_lavis_metrics(retrieval_data, t
 
 
 def test_shutdown_leaves_the_process_group(tmp_path):
-    from lavis_cprd.launch import shutdown_distributed
+    from lavis_cprd.training.launch import shutdown_distributed
 
     shutdown_distributed(completed=True)  # no group: nothing to do
     store = torch.distributed.FileStore(str(tmp_path / "store"), 1)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO, experiment_yaml, write_retrieval_dataset
-from lavis_cprd import train
+from lavis_cprd.apps import train
 
 LAVIS_METRIC_KEYS = {
     "txt_r1", "txt_r5", "txt_r10", "txt_r_mean", "img_r1", "img_r5", "img_r10", "img_r_mean", "r_mean", "agg_metrics",
@@ -35,7 +35,7 @@ def trained(retrieval_data, tmp_path_factory):
     root, splits = retrieval_data
     work = tmp_path_factory.mktemp("e2e")
     cfg = experiment_yaml(work / "exp.yaml", root, splits, work / "train_out", **{"run.max_epoch": 4})
-    output = run_module("lavis_cprd.train", "--cfg-path", cfg)
+    output = run_module("lavis_cprd.apps.train", "--cfg-path", cfg)
     (job_dir,) = glob.glob(str(work / "train_out" / "*"))
     return cfg, job_dir, output, work
 
@@ -72,7 +72,7 @@ def test_evaluation_prints_lavis_metrics_and_evaluate_reproduces_them(trained):
     final_test = evaluations[-1]
 
     out = run_module(
-        "lavis_cprd.evaluate", "--cfg-path", cfg, "--ckpt", os.path.join(job_dir, "checkpoint_best.pth"),
+        "lavis_cprd.apps.evaluate", "--cfg-path", cfg, "--ckpt", os.path.join(job_dir, "checkpoint_best.pth"),
         "--options", f"run.output_dir={work / 'eval_out'}",
     )
     (eval_job,) = glob.glob(str(work / "eval_out" / "*"))
@@ -91,7 +91,7 @@ def test_clip_student_trains_with_the_same_task_and_losses(retrieval_data, tmp_p
         tmp_path / "clip.yaml", root, splits, tmp_path / "out",
         **{"model.arch": "cprd_clip_dual_encoder", "run.max_epoch": 3, "run.init_lr": 3e-4},
     )
-    run_module("lavis_cprd.train", "--cfg-path", cfg)
+    run_module("lavis_cprd.apps.train", "--cfg-path", cfg)
     (job_dir,) = glob.glob(str(tmp_path / "out" / "*"))
     epochs = [r for r in read_log(job_dir) if "train_loss" in r]
     assert len(epochs) == 3 and all("train_loss_distill" in r for r in epochs)
@@ -162,8 +162,8 @@ def test_faiss_search_equals_compute_sim_matrix_and_lavis_recall(trained, tmp_pa
     import lavis.tasks as tasks
     import numpy as np
 
-    from lavis_cprd.launch import load_config
-    from lavis_cprd.serving import (
+    from lavis_cprd.training.launch import load_config
+    from lavis_cprd.apps.serving import (
         build_faiss_index, encode_images, index_main, load_index, load_student, save_index, search, search_main,
     )
 
@@ -209,7 +209,7 @@ def test_faiss_search_equals_compute_sim_matrix_and_lavis_recall(trained, tmp_pa
 def test_index_kinds_and_errors(tmp_path):
     import numpy as np
 
-    from lavis_cprd.serving import build_faiss_index, list_images, load_index
+    from lavis_cprd.apps.serving import build_faiss_index, list_images, load_index
 
     x = np.random.default_rng(0).normal(size=(200, 16)).astype("float32")
     x /= np.linalg.norm(x, axis=1, keepdims=True)

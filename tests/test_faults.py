@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, default_collate
 
 from conftest import tiny_model_cfg
 from lavis_cprd.models.dual_encoder import CprdDualEncoder
-from lavis_cprd.tasks import CprdRetrievalTask
+from lavis_cprd.training.task import CprdRetrievalTask
 
 
 def samples(n=16):
@@ -88,7 +88,7 @@ def build_splits(tmp_path, edit, **overrides):
     import lavis.tasks as tasks
 
     from conftest import experiment_yaml, write_retrieval_dataset
-    from lavis_cprd.launch import load_config
+    from lavis_cprd.training.launch import load_config
 
     root = str(tmp_path / "data")
     splits = write_retrieval_dataset(root, n_train=12, n_val=4, n_test=4)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lavis_cprd.mining import all_negatives, first_occurrence_mask, mine_hard_negatives
+from lavis_cprd.distill.mining import all_negatives, first_occurrence_mask, mine_hard_negatives
 
 
 def test_never_returns_positives_and_returns_k_sorted():

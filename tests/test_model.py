@@ -41,7 +41,7 @@ def test_cprd_at_distillation_temperature(batch, temperature):
 
 
 def test_distillation_temperature_default_and_errors():
-    from lavis_cprd.distill_config import DEFAULT_DISTILL_TEMPERATURE, DistillConfig
+    from lavis_cprd.distill.config import DEFAULT_DISTILL_TEMPERATURE, DistillConfig
 
     assert DistillConfig.from_cfg({"loss": "none"}).temperature == DEFAULT_DISTILL_TEMPERATURE
     assert DistillConfig.from_cfg({"loss": "none", "temperature": "ITC"}).temperature == "itc"
@@ -196,7 +196,7 @@ def test_gradients_reach_both_towers_and_temperature(model, batch):
 
 def test_teacher_not_in_state_dict_or_parameters(model, batch):
     model(batch)  # builds the teacher
-    assert model._teacher is not None
+    assert model.objective.teacher_built
     teacher_params = {id(p) for p in model.teacher.model.parameters()}
     assert not teacher_params & {id(p) for p in model.parameters()}
     assert not any("teacher" in k or "itm_head" in k for k in model.state_dict())
@@ -254,18 +254,17 @@ def test_distillation_starts_at_start_epoch(batch):
 
     from lavis.tasks.base_task import BaseTask
 
-    from lavis_cprd.tasks import CprdRetrievalTask
+    from lavis_cprd.training.task import CprdRetrievalTask
 
     torch.manual_seed(0)
     m = CprdDualEncoder.from_config(tiny_model_cfg(num_hard_negatives=3, valid_threshold=0.0, start_epoch=2)).eval()
     m.set_epoch(1)
     early = m(batch)
-    assert early.loss_distill is None and m._teacher is None
+    assert early.loss_distill is None and not m.objective.teacher_built
     assert early.loss.item() == pytest.approx(early.loss_itc.item())
     wrapped = torch.nn.Module()
     wrapped.module = m
-    task = CprdRetrievalTask.__new__(CprdRetrievalTask)
-    task._epoch_terms = {}
+    task = CprdRetrievalTask(None)
     with mock.patch.object(BaseTask, "train_epoch", return_value={}) as lavis_loop:  # LAVIS's step loop
         task.train_epoch(epoch=2, model=wrapped, data_loader=None, optimizer=None, lr_scheduler=None)
     assert lavis_loop.call_args.kwargs["model"] is wrapped

@@ -276,7 +276,7 @@ def test_verified_train_samples_are_checked_against_their_scene():
     """``verified_negatives``: each sample's ``negative_text`` and ``random_negative_text`` are
     false of its scene, its ``positive_text`` true, by the independent regex parse (or equal to
     its own caption: none found among the draws)."""
-    from lavis_cprd.demo import STUDENT_CFG, eval_split
+    from lavis_cprd.apps.runs import STUDENT_CFG, eval_split
 
     options = ["datasets.cprd_shapes.generator.num_train=40", "datasets.cprd_shapes.generator.num_val=4",
                "datasets.cprd_shapes.generator.num_test=4", "datasets.cprd_shapes.verified_negatives=true"]

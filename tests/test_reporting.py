@@ -4,16 +4,12 @@ import pytest
 import torch
 from scipy.stats import kendalltau
 
-from lavis_cprd.reporting import (
-    family_chance,
-    family_pairs,
+from lavis_cprd.apps.reporting import (
     kendall_tau_on_hard_negatives,
     markdown_table,
     score_distributions,
     summarize,
     teacher_all_pairs,
-    teacher_rerank,
-    within_family_accuracy,
 )
 
 
@@ -33,22 +29,6 @@ class Dataset:
     def __init__(self, n_img, per):
         self.img2txt = {i: [per * i + j for j in range(per)] for i in range(n_img)}
         self.text = [f"t{t}" for t in range(n_img * per)]
-
-
-def test_rerank_reorders_only_the_student_top_k():
-    rng = np.random.default_rng(0)
-    student = rng.uniform(-1, 1, size=(5, 10)).astype(np.float32)
-    table = rng.uniform(0, 1, size=(5, 10))
-    i2t, t2i = teacher_rerank(TableTeacher(table), torch.zeros(5, 3, 4, 4), [str(i) for i in range(10)], student, k=3)
-    for i in range(5):
-        top = np.argsort(-student[i])[:3]
-        order = np.argsort(-i2t[i])
-        assert set(order[:3]) == set(top)  # the top-k stays on top ...
-        assert list(order[:3]) == list(top[np.argsort(-table[i, top])])  # ... in teacher order
-        assert list(order[3:]) == list(np.argsort(-student[i])[3:])  # the rest keeps student order
-    for t in range(10):
-        top = np.argsort(-student[:, t])[:3]
-        assert list(np.argsort(-t2i[t])[:3]) == list(top[np.argsort(-table[top, t])])
 
 
 def test_kendall_tau_on_hard_negatives_excludes_positives():
@@ -74,29 +54,6 @@ def test_summary_and_table():
     assert row["r_mean"] == 20.0 and row["r_mean_std"] == pytest.approx(10.0)
     table = markdown_table([row, summarize("y", runs[:1])])
     assert "| x | 3 | 20.0 ± 10.0 |" in table and "| y | 1 | 10.0 |" in table
-
-
-def test_within_family_accuracy_by_hand():
-    # images 0,1,2 form family "a"; 3,4 family "b"; texts 0..4 belong to images 0..4.
-    families = ["a", "a", "a", "b", "b"]
-    txt2img = {0: 0, 1: 1, 2: 2, 3: 3, 4: 4}
-    pairs = family_pairs(families, txt2img)
-    assert sorted(map(tuple, pairs.tolist())) == sorted(
-        [(i, t) for t in range(3) for i in range(3)] + [(i, t) for t in (3, 4) for i in (3, 4)]
-    )
-    assert family_chance(pairs) == pytest.approx((3 * (1 / 3) + 2 * (1 / 2)) / 5)
-    sim = np.array([  # rows: images, columns: texts
-        [0.9, 0.1, 0.5, 0.0, 0.0],
-        [0.2, 0.8, 0.5, 0.0, 0.0],  # text 2: a three-way tie -> miss
-        [0.3, 0.9, 0.5, 0.0, 0.0],  # text 1: image 2 beats its own image 1 -> miss
-        [0.0, 0.0, 0.0, 0.4, 0.7],  # text 4: image 3 beats its own image 4 -> miss
-        [0.0, 0.0, 0.0, 0.3, 0.6],
-    ])
-    acc = within_family_accuracy(sim[pairs[:, 0], pairs[:, 1]], pairs, txt2img)
-    assert acc == pytest.approx(2 / 5)  # texts 0 and 3
-    # Scores outside a family never matter: a huge cross-family score changes nothing.
-    sim[3, 0] = 10.0
-    assert within_family_accuracy(sim[pairs[:, 0], pairs[:, 1]], pairs, txt2img) == pytest.approx(2 / 5)
 
 
 def test_score_groups_with_true_matches_and_all_pairs_grid():

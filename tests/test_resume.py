@@ -17,7 +17,7 @@ EPOCHS = 3
 
 
 def train_cmd(cfg, *extra):
-    return [sys.executable, "-m", "lavis_cprd.train", "--cfg-path", cfg, *extra]
+    return [sys.executable, "-m", "lavis_cprd.apps.train", "--cfg-path", cfg, *extra]
 
 
 def env():

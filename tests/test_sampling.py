@@ -1,7 +1,7 @@
 import collections
 
 
-from lavis_cprd.sampling import GroupedBatchSampler
+from lavis_cprd.training.sampling import GroupedBatchSampler
 
 
 def test_groups_stay_together_and_every_item_appears_once():

@@ -8,9 +8,10 @@ from omegaconf import OmegaConf
 
 from conftest import tiny_model_cfg
 from lavis_cprd.models.clip_student import CprdClipDualEncoder
-from lavis_cprd.models.dual_encoder import CprdDualEncoder, compile_options
-from lavis_cprd.runner import CprdRunner
-from lavis_cprd.tasks import CprdRetrievalTask, autocast_dtype
+from lavis_cprd.models.dual_encoder import CprdDualEncoder
+from lavis_cprd.models.student import compile_options
+from lavis_cprd.training.runner import CprdRunner
+from lavis_cprd.training.task import CprdRetrievalTask, autocast_dtype
 
 
 def _build(model_cls=CprdDualEncoder, **model_keys):

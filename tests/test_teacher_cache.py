@@ -7,10 +7,10 @@ import torch
 from torch.utils.data import default_collate
 
 from conftest import experiment_yaml, tiny_model_cfg
-from lavis_cprd import cache_teacher
-from lavis_cprd.launch import load_config
+from lavis_cprd.apps import cache_command as cache_teacher
+from lavis_cprd.training.launch import load_config
 from lavis_cprd.models.dual_encoder import CprdDualEncoder
-from lavis_cprd.teacher_cache import TeacherScoreCache, build_teacher_cache, shard_path
+from lavis_cprd.distill.teacher_cache import TeacherScoreCache, build_teacher_cache, shard_path
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +53,11 @@ class CountingTeacher:
 def loss_with_cache(model, batch, cache_dir, monkeypatch):
     counter = CountingTeacher(model.teacher)
     monkeypatch.setattr(model.teacher, "logit", counter)
-    model.distill.teacher_cache, model._teacher_cache = cache_dir, None
+    model.objective.use_teacher_cache(cache_dir)
     try:
         out = model(batch)
     finally:
-        model.distill.teacher_cache, model._teacher_cache = None, None
+        model.objective.use_teacher_cache(None)
         monkeypatch.undo()
     return out, counter
 
@@ -128,7 +128,7 @@ def test_interrupted_build_resumes_without_redoing_shards(setup):
 
 
 def test_cli_builds_and_the_task_logs_the_hit_rate(setup):
-    from lavis_cprd.tasks import CprdRetrievalTask
+    from lavis_cprd.training.task import CprdRetrievalTask
 
     cfg_path, dataset, _, work = setup
     out = str(work / "cli_cache")
@@ -143,7 +143,7 @@ def test_cli_builds_and_the_task_logs_the_hit_rate(setup):
     student = CprdDualEncoder.from_config(tiny_model_cfg(num_hard_negatives=3, teacher_cache=out)).eval()
     task = CprdRetrievalTask.setup_task(cfg=load_config(type("Args", (), {"cfg_path": cfg_path, "options": []})()))
     task.train_step(student, batch_of(dataset, list(range(0, 48, 4))))
-    (rate,) = task._epoch_terms["teacher_cache_hit_rate"]  # the epoch mean of this goes to log.txt
+    (rate,) = task.epoch_terms["teacher_cache_hit_rate"]  # the epoch mean of this goes to log.txt
     assert 0.0 < rate < 1.0  # M=2 holds some of the step's pairs, not all
     with pytest.raises(ValueError, match="teacher_cache holds cross-encoder scores; loss='conaclip'"):
         CprdDualEncoder.from_config(tiny_model_cfg(loss="conaclip", teacher_cache=out))
@@ -152,7 +152,7 @@ def test_cli_builds_and_the_task_logs_the_hit_rate(setup):
 def test_a_record_saves_what_was_scored_as_a_cache(tmp_path):
     """``TeacherScoreRecord``: every added pair is found in the saved folder with the logit it
     was first recorded with; rewriting after more steps keeps the earlier pairs."""
-    from lavis_cprd.teacher_cache import TeacherScoreRecord
+    from lavis_cprd.distill.teacher_cache import TeacherScoreRecord
 
     record = TeacherScoreRecord()
     record.add(torch.tensor([3, 3, 7]), ["a red cube", "two balls", "a red cube"], torch.tensor([1.5, -2.0, 0.25]))
@@ -166,7 +166,7 @@ def test_a_record_saves_what_was_scored_as_a_cache(tmp_path):
 
 
 def test_a_dual_encoder_teacher_cannot_record():
-    from lavis_cprd.distill_config import DistillConfig
+    from lavis_cprd.distill.config import DistillConfig
 
     with pytest.raises(ValueError, match="model.distill.teacher_record holds cross-encoder scores"):
         DistillConfig.from_cfg({"loss": "conaclip", "teacher_record": "somewhere"})

@@ -58,7 +58,7 @@ def test_text_tower_from_pretrained_minilm():
     cross-attention layers added."""
     from transformers import BertModel
 
-    from lavis_cprd.models.encoders import BLIP_VOCAB_SIZE, build_text_encoder
+    from lavis_cprd.towers import BLIP_VOCAB_SIZE, build_text_encoder
     from lavis_cprd.tokenization import resolve_tokenizer_path
 
     encoder = build_text_encoder(OmegaConf.create({"text_pretrained": TOKENIZER}), cross_attention=True, encoder_width=32)
@@ -142,8 +142,8 @@ def test_packaged_teacher_loads_in_the_itm_adapter_and_beats_a_random_one_on_val
     above a randomly initialised teacher of the same architecture."""
     from lavis.common.registry import registry as lavis_registry
 
-    from lavis_cprd.compare import teacher_metrics
-    from lavis_cprd.demo import PACKAGED_TEACHER, STUDENT_CFG, eval_split
+    from lavis_cprd.apps.compare import teacher_metrics
+    from lavis_cprd.apps.runs import PACKAGED_TEACHER, STUDENT_CFG, eval_split
     from lavis_cprd.relevance import dataset_relevance
     from lavis_cprd.teachers.blip_itm import architecture_from_checkpoint
 

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from lavis_cprd.datasets.shapes import ShapesSpec, generate
 from lavis_cprd.datasets.shapes_truth import hard_false_caption, lookalike_caption, other_true_caption, relevance
+from lavis_cprd.paths import DATASET_CONFIGS
 
 
 class ShapesTrainDataset(RetrievalDataset):
@@ -50,7 +51,6 @@ class ShapesTrainDataset(RetrievalDataset):
             sample["positive_text"] = self.text_processor(positive or ann["caption"])
         return sample
 
-_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "datasets")
 
 
 @registry.register_builder("cprd_shapes")
@@ -62,7 +62,7 @@ class ShapesBuilder(BaseDatasetBuilder):
 
     train_dataset_cls = ShapesTrainDataset
     eval_dataset_cls = RetrievalEvalDataset
-    DATASET_CONFIG_DICT = {"default": os.path.join(_CONFIG_DIR, "cprd_shapes.yaml")}
+    DATASET_CONFIG_DICT = {"default": os.path.join(DATASET_CONFIGS, "cprd_shapes.yaml")}
 
     def spec(self) -> ShapesSpec:
         params = dict(self.config.get("generator", {}) or {})

@@ -141,6 +141,4 @@ def check_split(name: str, split: str, dataset, skip_bad: bool, only_unknown=Non
     path = os.path.join(work_dir, f"{name}_{split}_{hashlib.sha1(blob.encode()).hexdigest()[:12]}.json")
     with open(path, "w") as f:
         f.write(blob)
-    rebuilt = type(dataset)(dataset.vis_processor, dataset.text_processor, dataset.vis_root, [path])
-    rebuilt.skipped_bad = len(items) + len(captions)
-    return rebuilt
+    return type(dataset)(dataset.vis_processor, dataset.text_processor, dataset.vis_root, [path])

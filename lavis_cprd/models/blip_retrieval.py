@@ -29,7 +29,6 @@ unused), a cost left in to keep its code uncopied.
 """
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
@@ -38,17 +37,23 @@ import torch.nn.functional as F
 from lavis.common.registry import registry
 from lavis.models.blip_models.blip_retrieval import BlipRetrieval
 
-from lavis_cprd.models.encoders import build_text_encoder, build_vision_encoder
+from lavis_cprd.checkpoints import load_weights
+from lavis_cprd.towers import build_text_encoder, build_vision_encoder
+from lavis_cprd.paths import MODEL_CONFIGS
 from lavis_cprd.tokenization import with_local_tokenizer
 
-_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models")
 
 
 @registry.register_model("cprd_blip_retrieval")
 class CprdBlipRetrieval(BlipRetrieval):
+    """LAVIS's BLIP retrieval model (ITC + ITM) at any size, offline: trains tiny cross-encoder teachers.
+
+    ``itm_negatives: verified`` replaces its in-batch ITM negatives by captions checked against the scene.
+    """
+
     lookalike_weight = 1.0
     itm_negatives = "in_batch"
-    PRETRAINED_MODEL_CONFIG_DICT = {"tiny": os.path.join(_CONFIG_DIR, "cprd_blip_retrieval_tiny.yaml")}
+    PRETRAINED_MODEL_CONFIG_DICT = {"tiny": os.path.join(MODEL_CONFIGS, "cprd_blip_retrieval_tiny.yaml")}
 
     @classmethod
     def from_config(cls, cfg=None):
@@ -71,16 +76,7 @@ class CprdBlipRetrieval(BlipRetrieval):
             raise ValueError(f"model.itm_negatives must be 'in_batch' or 'verified', got {model.itm_negatives!r}")
         if model.lookalike_weight < 0:
             raise ValueError(f"model.lookalike_weight must be >= 0, got {model.lookalike_weight}")
-        if cfg.get("load_finetuned", False) and cfg.get("finetuned"):
-            model.load_checkpoint(cfg.finetuned)
-        elif cfg.get("pretrained") and os.path.isfile(cfg.pretrained):
-            # A local checkpoint (e.g. ITC-trained towers): BlipBase.load_from_pretrained
-            # expects BLIP's momentum keys, which LAVIS runner checkpoints never hold.
-            model.load_checkpoint(cfg.pretrained)
-        elif cfg.get("pretrained"):
-            model.load_from_pretrained(cfg.pretrained)
-        else:
-            logging.info("cprd_blip_retrieval: no checkpoint configured, towers start as configured")
+        load_weights(model, cfg, "cprd_blip_retrieval", local_pretrained_as_checkpoint=True)
         # BlipRetrieval copies its momentum encoders at construction, before any weights are
         # loaded, and LAVIS checkpoints omit them (frozen): copy again from the loaded towers.
         model.copy_params()

@@ -10,7 +10,7 @@ from lavis.models.blip2_models.blip2_image_text_matching import Blip2ITM
 from lavis.models.blip2_models.Qformer import BertConfig, BertLMHeadModel
 from lavis.models.eva_vit import VisionTransformer
 
-from lavis_cprd.models.encoders import resize_bert
+from lavis_cprd.towers import resize_bert
 from lavis_cprd.teachers.base import CrossEncoderTeacher, chunks
 from lavis_cprd.teachers.blip_itm import blip_model_config, load_teacher_weights
 from lavis_cprd.teachers.registry import register_teacher

@@ -8,7 +8,8 @@ import torch
 from lavis.models.blip_models.blip_image_text_matching import BlipITM
 from omegaconf import OmegaConf
 
-from lavis_cprd.models.encoders import build_text_encoder, build_vision_encoder
+from lavis_cprd.checkpoints import load_weights
+from lavis_cprd.towers import build_text_encoder, build_vision_encoder
 from lavis_cprd.teachers.base import CrossEncoderTeacher, chunks
 from lavis_cprd.teachers.registry import register_teacher
 from lavis_cprd.tokenization import with_local_tokenizer
@@ -51,13 +52,8 @@ def blip_model_config(model_cls, arch: str, cfg):
 
 
 def load_teacher_weights(model, mcfg) -> None:
-    """LAVIS's own rule (``load_checkpoint_from_config``), except that an empty checkpoint
-    means random init: fine-tuned weights when ``load_finetuned``, else pre-trained ones."""
-    if mcfg.get("load_finetuned", False):
-        if mcfg.get("finetuned"):
-            model.load_checkpoint(mcfg.finetuned)
-    elif mcfg.get("pretrained"):
-        model.load_from_pretrained(mcfg.pretrained)
+    """LAVIS's rule (``checkpoints.load_weights``): an empty ``checkpoint`` means random init."""
+    load_weights(model, mcfg, f"teacher {mcfg.get('arch', type(model).__name__)}")
 
 
 @register_teacher("blip_image_text_matching")

@@ -5,14 +5,21 @@ Each embeds student-preprocessed images (resized to its own resolution) and raw 
 """
 from __future__ import annotations
 
-import os
 from typing import List, Optional
 
 import torch
 from lavis.models.blip_models.blip_feature_extractor import BlipFeatureExtractor
-from omegaconf import OmegaConf
 
-from lavis_cprd.models.encoders import blip_image_embeds, blip_text_embeds, build_text_encoder, build_vision_encoder
+from lavis_cprd.towers import (
+    blip_image_embeds,
+    blip_text_embeds,
+    build_lavis_clip,
+    build_text_encoder,
+    build_vision_encoder,
+    clip_embed_dim,
+    clip_image_size,
+)
+from lavis_cprd.checkpoints import model_from_checkpoint, stored_model_config
 from lavis_cprd.teachers.base import DualEncoderTeacher, match_resolution
 from lavis_cprd.teachers.blip_itm import blip_model_config, load_teacher_weights
 from lavis_cprd.teachers.registry import register_teacher
@@ -65,35 +72,24 @@ class BlipFeatureTeacher(_BlipShapedTeacher):
         return cls(model, precision=cfg.get("precision", "fp32"), batch_size=cfg.get("batch_size", 128))
 
 
-def _stored_model_config(checkpoint: str) -> dict:
-    if not checkpoint or not os.path.isfile(checkpoint):
-        raise ValueError(
-            f"model.distill.teacher.checkpoint={checkpoint!r}: a cprd_dual_encoder teacher is a trained "
-            "checkpoint written by LAVIS's runner (its config says the sizes)"
-        )
-    return torch.load(checkpoint, map_location="cpu", weights_only=True)["config"]["model"]
+WHERE = "model.distill.teacher.checkpoint"  # the key that names a cprd_dual_encoder teacher
 
 
 @register_teacher("cprd_dual_encoder")
 class CprdDualTeacher(_BlipShapedTeacher):
-    """A trained ``cprd_dual_encoder`` (e.g. a larger student of this library) as the teacher.
+    """A trained ``cprd_dual_encoder`` (a larger student of this library, say) as the teacher.
     ``cfg.checkpoint``: its LAVIS runner checkpoint, which carries its model config."""
 
     @classmethod
     def embed_dim_of(cls, cfg) -> int:
-        return int(_stored_model_config(cfg.get("checkpoint", None)).get("embed_dim", 256))
+        return int(stored_model_config(cfg.get("checkpoint", None), WHERE).get("embed_dim", 256))
 
     @classmethod
     def from_config(cls, cfg, tokenizer_path: Optional[str] = None) -> "CprdDualTeacher":
-        from lavis_cprd.models.dual_encoder import CprdDualEncoder
-
-        mcfg = OmegaConf.create(_stored_model_config(cfg.get("checkpoint", None)))
-        mcfg.load_finetuned, mcfg.finetuned, mcfg.pretrained = True, cfg.checkpoint, None
-        mcfg.pop("text_pretrained", None)  # the weights come from the checkpoint
-        mcfg.distill = {"loss": "none"}  # a teacher never distils
-        if tokenizer_path and not mcfg.get("tokenizer_path"):
-            mcfg.tokenizer_path = tokenizer_path
-        model = CprdDualEncoder.from_config(mcfg)
+        overrides = {"distill": {"loss": "none"}}  # a teacher never distils
+        if tokenizer_path and not stored_model_config(cfg.get("checkpoint", None), WHERE).get("tokenizer_path"):
+            overrides["tokenizer_path"] = tokenizer_path
+        model = model_from_checkpoint(cfg.get("checkpoint", None), where=WHERE, **overrides)
         return cls(model, precision=cfg.get("precision", "fp32"), batch_size=cfg.get("batch_size", 128))
 
 
@@ -109,20 +105,14 @@ class ClipFeatureTeacher(DualEncoderTeacher):
 
     @classmethod
     def embed_dim_of(cls, cfg) -> int:
-        from lavis_cprd.models.clip_student import clip_embed_dim
-
         return clip_embed_dim(cfg, "model.distill.teacher")
 
     @classmethod
     def from_config(cls, cfg, tokenizer_path: Optional[str] = None) -> "ClipFeatureTeacher":
-        from lavis_cprd.models.clip_student import build_lavis_clip
-
         model = build_lavis_clip(cfg, "model.distill.teacher")
         return cls(model, precision=cfg.get("precision", "fp32"), batch_size=cfg.get("batch_size", 128))
 
     def _encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        from lavis_cprd.models.clip_student import clip_image_size
-
         return self.model.encode_image(match_resolution(images, clip_image_size(self.model)))
 
     def _encode_texts(self, captions: List[str], device: torch.device) -> torch.Tensor:

@@ -8,7 +8,6 @@ bound of what a teacher can give on that data; it is never a default teacher.
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import List, Optional
 
@@ -21,7 +20,9 @@ from lavis_cprd.teachers.registry import register_teacher
 
 @register_teacher("shapes_oracle")
 class ShapesOracleTeacher(CrossEncoderTeacher):
-    """Config: ``annotations`` (the cprd_shapes train annotation file; the ``cprd_retrieval``
+    """The ground truth of cprd_shapes as a cross-encoder: the upper bound of what a teacher can give.
+
+    Config: ``annotations`` (the cprd_shapes train annotation file; the ``cprd_retrieval``
     task fills it in from the dataset it built), ``eps`` (match probabilities are clipped to
     ``[eps, 1 - eps]``, so teacher logits stay finite: ``log((1 - eps) / eps)`` at most)."""
 

@@ -15,30 +15,22 @@ data order, so on CPU a resumed run ends bit-for-bit where an uninterrupted one 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import shutil
-from types import SimpleNamespace
-from unittest import mock
 
 import torch
-import torch.distributed as dist
-from lavis.common.dist_utils import get_rank, get_world_size, is_dist_avail_and_initialized, main_process
-from lavis.common.logger import SmoothedValue
+from lavis.common.dist_utils import get_rank, get_world_size, main_process
 from lavis.common.registry import registry
-from lavis.datasets.datasets import dataloader_utils
-from lavis.runners import runner_base
 from lavis.runners.runner_base import RunnerBase
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from lavis_cprd.checkpoints import BEST, LATEST, PREVIOUS, atomic_save, load_checkpoint, rng_state, set_rng_state
-from lavis_cprd.sampling import GroupedBatchSampler
-from lavis_cprd.tasks import autocast_dtype
+from lavis_cprd.training import lavis_patches
+from lavis_cprd.training.sampling import GroupedBatchSampler
+from lavis_cprd.training.task import autocast_dtype
 
-
-_ADAMW = torch.optim.AdamW
 ADAMW_IMPLS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
 
 
@@ -59,6 +51,8 @@ def resolve_device(name: str) -> torch.device:
 
 @registry.register_runner("cprd_runner")
 class CprdRunner(RunnerBase):
+    """LAVIS's runner, safe off CUDA, with resumable checkpoints (see the module docstring)."""
+
     @property
     def device(self):
         if self._device is None:
@@ -83,8 +77,7 @@ class CprdRunner(RunnerBase):
         tensors: 5.5 ms vs 17 ms per step for the 5.7M-parameter bench student on 2 CPU
         cores), ``foreach`` (LAVIS's default) or ``loop``."""
         if self._optimizer is None:
-            options = adamw_options(self.config.run_cfg)
-            with mock.patch.object(torch.optim, "AdamW", functools.partial(_ADAMW, **options)):
+            with lavis_patches.adamw_impl(adamw_options(self.config.run_cfg)):
                 return super().optimizer
         return self._optimizer
 
@@ -98,12 +91,10 @@ class CprdRunner(RunnerBase):
 
     def create_loaders(self, *args, **kwargs):
         with contextlib.ExitStack() as stack:
-            if not self.cuda_enabled:
-                # PrefetchLoader only overlaps host-to-GPU copies; off CUDA it cannot be built.
-                stack.enter_context(mock.patch.object(runner_base, "PrefetchLoader", lambda loader: loader))
+            stack.enter_context(lavis_patches.no_prefetch_loader(not self.cuda_enabled))
             key = self.config.run_cfg.get("group_batches_by", None)
             if key:
-                stack.enter_context(mock.patch.object(runner_base, "DataLoader", self._grouping_loader(key)))
+                stack.enter_context(lavis_patches.loader_factory(self._grouping_loader(key)))
             return super().create_loaders(*args, **kwargs)
 
     def _grouping_loader(self, key: str):
@@ -127,7 +118,8 @@ class CprdRunner(RunnerBase):
         return make
 
     def train(self):
-        with _barrier_without_process_group(), _metric_sync_on(self.device), self._no_epoch_sleep():
+        with lavis_patches.barrier_without_process_group(), lavis_patches.metric_sync_on(self.device), \
+                lavis_patches.no_epoch_sleep(self.config.run_cfg.get("num_workers", 0)):
             return super().train()
 
     # -------------------------------------------------------------- checkpoints
@@ -237,38 +229,3 @@ class CprdRunner(RunnerBase):
             if self.use_distributed and hasattr(sampler, "set_epoch"):
                 sampler.set_epoch(epoch)
             loader.iter_loader = iter(loader._dataloader)
-
-    def _no_epoch_sleep(self):
-        """LAVIS's ``IterLoader`` sleeps 2 s at each epoch boundary to let loader worker
-        processes settle; with ``num_workers: 0`` there are none, and small runs lose minutes."""
-        if int(self.config.run_cfg.get("num_workers", 0)) > 0:
-            return contextlib.nullcontext()
-        return mock.patch.object(dataloader_utils, "time", SimpleNamespace(sleep=lambda seconds: None))
-
-
-@contextlib.contextmanager
-def _metric_sync_on(device: torch.device):
-    """LAVIS's ``SmoothedValue`` all-reduces its counters on ``cuda`` even under gloo."""
-    if device.type == "cuda":
-        yield
-        return
-
-    def synchronize_between_processes(meter):
-        if not is_dist_avail_and_initialized():
-            return
-        t = torch.tensor([meter.count, meter.total], dtype=torch.float64)
-        dist.all_reduce(t)
-        meter.count, meter.total = int(t[0]), float(t[1])
-
-    with mock.patch.object(SmoothedValue, "synchronize_between_processes", synchronize_between_processes):
-        yield
-
-
-@contextlib.contextmanager
-def _barrier_without_process_group():
-    """``dist.barrier()`` is a no-op when no process group exists (single process)."""
-    if is_dist_avail_and_initialized():
-        yield
-        return
-    with mock.patch.object(dist, "barrier", lambda *a, **k: None):
-        yield

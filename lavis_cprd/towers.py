@@ -1,4 +1,5 @@
-"""Builders for BLIP's image and text towers at any size, shared by students and teachers.
+"""Builders for the towers students and teachers share: BLIP's image and text encoders at
+any size, and LAVIS's CLIP.
 
 LAVIS's ``VisionTransformerEncoder.from_config`` only knows ``base``/``large``;
 ``vit_type: custom`` builds the same class at explicit sizes (``vit_patch_size``,
@@ -8,12 +9,14 @@ LAVIS's ``VisionTransformerEncoder.from_config`` only knows ``base``/``large``;
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 from lavis.common.utils import get_abs_path
+from lavis.models.clip_models.model import CLIP
 from lavis.models.med import BertConfig, XBertEncoder
 from lavis.models.vit import VisionTransformerEncoder
+from omegaconf import OmegaConf
 
 from lavis_cprd.tokenization import resolve_tokenizer_path
 
@@ -113,3 +116,55 @@ def build_text_encoder(cfg, cross_attention: bool, encoder_width: int) -> XBertE
     encoder = XBertEncoder.from_pretrained(folder, config=config, add_pooling_layer=False)
     encoder.resize_token_embeddings(int(cfg.get("vocab_size", BLIP_VOCAB_SIZE)))
     return encoder
+
+
+# ------------------------------------------------------------------------------ CLIP
+CLIP_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+
+
+def _explicit_clip(cfg, where: str) -> Optional[dict]:
+    explicit = cfg.get("model", None)
+    if explicit is None:
+        return None
+    explicit = OmegaConf.to_container(explicit, resolve=True) if OmegaConf.is_config(explicit) else dict(explicit)
+    missing = [k for k in CLIP_KEYS if k not in explicit]
+    if missing:
+        raise ValueError(f"{where}.model (an explicit OpenCLIP CLIP) needs {missing}")
+    return explicit
+
+
+def clip_embed_dim(cfg, where: str) -> int:
+    """The embedding size a CLIP config builds, without building it."""
+    explicit = _explicit_clip(cfg, where)
+    if explicit is not None:
+        return int(explicit["embed_dim"])
+    from lavis.models.clip_models.model import _MODEL_CONFIGS
+
+    model_type = str(cfg.get("model_type", "ViT-B-32")).replace("/", "-")
+    if model_type not in _MODEL_CONFIGS:
+        raise ValueError(f"{where}.model_type={model_type!r} is not one of {sorted(_MODEL_CONFIGS)}")
+    return int(_MODEL_CONFIGS[model_type]["embed_dim"])
+
+
+def build_lavis_clip(cfg, where: str) -> CLIP:
+    """LAVIS's CLIP from ``cfg``: ``model_type`` (``ViT-B-16``, ``ViT-L-14``, ``RN50``...) with
+    ``pretrained`` (``openai``, an OpenCLIP tag or state-dict path; ``""`` random), or
+    ``model``: an explicit ``{embed_dim, vision_cfg, text_cfg}`` (random unless ``pretrained``
+    is a state-dict path). Always float32 (mixed precision is autocast's job)."""
+    from lavis.models.clip_models.model import create_model
+
+    explicit = _explicit_clip(cfg, where)
+    pretrained = cfg.get("pretrained", "openai") or ""
+    if explicit is None:
+        clip_embed_dim(cfg, where)  # validates model_type with the list of choices
+        model = create_model(str(cfg.get("model_type", "ViT-B-32")).replace("/", "-"), pretrained=pretrained)
+    else:
+        model = CLIP(**explicit)
+        if pretrained:
+            model.load_state_dict(torch.load(pretrained, map_location="cpu", weights_only=True))
+    return model.float()
+
+
+def clip_image_size(clip: CLIP) -> int:
+    size = clip.visual.image_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)

@@ -6,11 +6,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-# Each loss and the candidates it reads per query: "hard" = the positive and the K mined hard
-# negatives, "all" = the positive and every in-batch negative (method.md).
-LOSS_CANDIDATES = {"cprd": "hard", "loopitr": "hard", "margin_mse": "hard", "kl": "all", "listmle_full": "all"}
-# conaclip is dual-to-dual: no mined candidates, a dual-encoder teacher (``conaclip`` terms).
-DISTILL_LOSSES = ("none", *LOSS_CANDIDATES, "conaclip")
+from lavis_cprd.distill.registry import get_loss
+
 MINING_SCOPES = ("gathered", "local")
 NORMALIZATIONS = ("contributing", "all")
 # Measured on the embedded default's val split (docs/temperature/): 0.02, 0.05 and 0.1 all
@@ -159,8 +156,7 @@ class DistillConfig:
         return out
 
     def validate(self) -> None:
-        if self.loss not in DISTILL_LOSSES:
-            raise ValueError(f"model.distill.loss={self.loss!r} is not one of {list(DISTILL_LOSSES)}")
+        get_loss(self.loss)  # fails listing the registered losses
         if int(self.num_hard_negatives) < 1:
             raise ValueError(f"model.distill.num_hard_negatives must be >= 1, got {self.num_hard_negatives}")
         self.num_hard_negatives = int(self.num_hard_negatives)
@@ -191,35 +187,25 @@ class DistillConfig:
                     f"model.distill.{key} holds cross-encoder scores; loss={self.loss!r} uses a dual-encoder "
                     f"teacher's embeddings: set {key}: null"
                 )
-        if self.loss != "none":
-            from lavis_cprd.teachers import teacher_class
-
-            teacher_class(self.teacher.get("arch", self.default_teacher), self.teacher_kind)  # fails early, listing choices
+        # The teacher's arch is checked against the registered adapters when the objective is
+        # built (``distill.objective``): this module stays free of teacher imports.
 
     @property
     def teacher_kind(self) -> str:
         """``dual`` (ConaCLIP: the teacher embeds) or ``cross`` (the teacher scores pairs)."""
-        return "dual" if self.loss == "conaclip" else "cross"
-
-    @property
-    def default_teacher(self) -> str:
-        from lavis_cprd.teachers.registry import DEFAULT_TEACHERS
-
-        return DEFAULT_TEACHERS[self.teacher_kind]
+        return get_loss(self.loss).teacher or "cross"
 
     @property
     def uses_teacher_positive(self) -> bool:
-        """Whether the loss reads the teacher's score of the positive pair: CPRD only to drop
-        negatives scored above it, ListMLE never. Otherwise those pairs are not scored."""
-        if self.loss == "cprd":
-            return bool(self.drop_above_positive)
-        return self.loss != "listmle_full"
+        """Whether the loss reads the teacher's score of the positive pair (CPRD only to drop
+        negatives scored above it, ListMLE never); otherwise those pairs are not scored."""
+        return get_loss(self.loss).reads_positive(self)
 
     @property
     def needs_teacher(self) -> bool:
-        return self.loss != "none"
+        return get_loss(self.loss).teacher is not None
 
     @property
     def candidates(self) -> str:
         """``hard`` (positive + K mined negatives) or ``all`` (positive + every negative)."""
-        return LOSS_CANDIDATES.get(self.loss, "hard")
+        return get_loss(self.loss).candidates or "hard"

@@ -20,6 +20,7 @@ from lavis.common.registry import registry
 from lavis.common.utils import now
 
 from lavis_cprd.checkpoints import find_resume_checkpoint
+from lavis_cprd.training import lavis_patches
 
 DEFAULT_RUNNER = "cprd_runner"
 
@@ -50,8 +51,7 @@ def load_config(args: argparse.Namespace) -> Config:
     run.output_dir = os.path.abspath(os.path.expanduser(run.get("output_dir", "output")))
     run.runner = run.get("runner", DEFAULT_RUNNER)
     # LAVIS's default cache root is Salesforce's /export/home; make it the user's.
-    cache_root = run.get("cache_root", None) or os.environ.get("LAVIS_CACHE_ROOT") or "~/.cache/lavis"
-    registry.mapping["paths"]["cache_root"] = os.path.abspath(os.path.expanduser(cache_root))
+    lavis_patches.set_cache_root(run.get("cache_root", None) or os.environ.get("LAVIS_CACHE_ROOT") or "~/.cache/lavis")
     return cfg
 
 

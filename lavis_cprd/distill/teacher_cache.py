@@ -129,9 +129,9 @@ class TeacherScoreRecord:
     def save(self, root: str, settings: Optional[dict] = None) -> int:
         """Write (or rewrite) ``root`` as a one-shard cache of every pair recorded so far, the
         records of all ranks merged; returns its number of distinct pairs. Call it on every rank."""
-        from lavis_cprd import dist
+        from lavis_cprd import distributed
 
-        parts = dist.gather_objects({dist.get_rank(): (list(self.caption_index), self.parts)})
+        parts = distributed.gather_objects({distributed.get_rank(): (list(self.caption_index), self.parts)})
         captions: Dict[str, int] = {}
         image_ids, caption_ids, logits = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)], [torch.zeros(0)]
         for rank in sorted(parts):
@@ -142,7 +142,7 @@ class TeacherScoreRecord:
                 caption_ids.append(remap[cap])
                 logits.append(logit)
         cache = TeacherScoreCache(list(captions), torch.cat(image_ids), torch.cat(caption_ids), torch.cat(logits))
-        if dist.get_rank() == 0:
+        if distributed.get_rank() == 0:
             os.makedirs(root, exist_ok=True)
             # Sorted keys decode back to (image id, caption index); captions before the shard
             # before the manifest, so a reader never sees a shard whose captions are missing.

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-log = logging.getLogger("lavis_cprd.diagnose")
+log = logging.getLogger("lavis_cprd.apps.diagnose")
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -58,7 +58,7 @@ def _kendall(a: np.ndarray, b: np.ndarray) -> float:
 def collect(model, teacher, oracle, batches, k: int, threshold: float, seed: int = 0) -> Dict[str, np.ndarray]:
     """Per query (both directions) of every batch: teacher and student scores of the positive,
     the K mined hard negatives and K random easy negatives (and the oracle's of the hard ones)."""
-    from lavis_cprd.mining import first_occurrence_mask, mine_hard_negatives
+    from lavis_cprd.distill.mining import first_occurrence_mask, mine_hard_negatives
 
     rng = torch.Generator().manual_seed(seed)
     out: Dict[str, list] = {key: [] for key in ("t_pos", "t_hard", "t_easy", "s_pos", "s_hard", "s_easy", "o_hard")}
@@ -180,7 +180,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     import lavis.tasks as tasks
     from torch.utils.data import DataLoader
 
-    from lavis_cprd.launch import load_config
+    from lavis_cprd.training.launch import load_config
     from lavis_cprd.teachers import ShapesOracleTeacher
 
     options = list(args.options)

@@ -1,4 +1,4 @@
-"""Evaluate with a LAVIS config: ``python -m lavis_cprd.evaluate --cfg-path X.yaml --ckpt C.pth``.
+"""Evaluate with a LAVIS config: ``python -m lavis_cprd.apps.evaluate --cfg-path X.yaml --ckpt C.pth``.
 
 Mirrors LAVIS's ``evaluate.py`` (but honours ``run.runner``). ``--ckpt`` loads a checkpoint
 written by training (the same as ``--options model.load_finetuned=True model.finetuned=C``).
@@ -11,7 +11,7 @@ from typing import List, Optional
 
 from lavis.common.dist_utils import is_main_process
 
-from lavis_cprd.launch import build_runner, make_parser, shutdown_distributed
+from lavis_cprd.training.launch import build_runner, make_parser, shutdown_distributed
 
 
 def main(argv: Optional[List[str]] = None) -> dict:

@@ -1,12 +1,11 @@
-"""Reporting helpers: metric tables over seeds, teacher re-ranking, the paper's finding-1
-score distributions, Kendall's tau between teacher and student orders, and within-family
-(binding) accuracy on minimal-pair data."""
+"""Reporting helpers: metric tables over seeds, the teacher's scores of every pair, the
+paper's finding-1 score distributions and Kendall's tau between teacher and student orders."""
 from __future__ import annotations
 
 import glob
 import json
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -75,30 +74,6 @@ def val_at_best(run_dir: str) -> Optional[Dict[str, float]]:
         return None
     with open(logs[-1]) as f:
         return json.load(f).get(f"val/{epoch}")
-
-
-def _topk(scores: np.ndarray, k: int) -> np.ndarray:
-    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
-
-
-def teacher_rerank(teacher, images: torch.Tensor, texts: Sequence[str], student_i2t: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Two-stage retrieval: the student's top-``k`` per query re-ordered by the teacher.
-
-    Re-ranked candidates score ``2 + c(i, j)`` (above every dual-encoder score, which is a
-    cosine <= 1); the rest keep the student's order below them.
-    """
-    n_img, n_txt = student_i2t.shape
-    top_t = _topk(student_i2t, k)  # [n_img, k] texts per image
-    top_i = _topk(student_i2t.T, k)  # [n_txt, k] images per text
-    pairs = np.concatenate([
-        np.stack([np.repeat(np.arange(n_img), k), top_t.reshape(-1)], 1),
-        np.stack([top_i.reshape(-1), np.repeat(np.arange(n_txt), k)], 1),
-    ])
-    scores = teacher.score(images, list(texts), torch.from_numpy(pairs)).cpu().numpy()
-    i2t, t2i = student_i2t.copy(), student_i2t.T.copy()
-    i2t[np.repeat(np.arange(n_img), k), top_t.reshape(-1)] = 2 + scores[: n_img * k]
-    t2i[np.repeat(np.arange(n_txt), k), top_i.reshape(-1)] = 2 + scores[n_img * k :]
-    return i2t, t2i
 
 
 def teacher_all_pairs(teacher, images: torch.Tensor, texts: Sequence[str], chunk: int = 8192) -> np.ndarray:
@@ -240,32 +215,3 @@ def kendall_tau_on_hard_negatives(teacher, images, dataset, student_i2t: np.ndar
     s = student_i2t[pairs[:, 0], pairs[:, 1]].reshape(-1, k)
     taus = [kendalltau(a, b).statistic for a, b in zip(s, t)]
     return float(np.nanmean(taus))
-
-
-def family_pairs(families: Sequence, txt2img: Dict[int, int]) -> np.ndarray:
-    """``(image, text)`` pairs ``[P, 2]``: every text with every image of its own image's
-    minimal-pair family (``families[i]`` is image ``i``'s family id), its own image included."""
-    by_family: Dict = {}
-    for i, f in enumerate(families):
-        by_family.setdefault(f, []).append(i)
-    return np.array([(i, t) for t in sorted(txt2img) for i in by_family[families[txt2img[t]]]], dtype=np.int64)
-
-
-def within_family_accuracy(pair_scores: np.ndarray, pairs: np.ndarray, txt2img: Dict[int, int]) -> float:
-    """Fraction of texts whose own image scores highest among their family's images (ties
-    count as misses). Family members share their words and differ in which attribute binds to
-    which object, so this measures binding; chance is the mean of 1 / family size."""
-    best: Dict[int, Tuple[float, List[int]]] = {}
-    for (i, t), s in zip(pairs.tolist(), np.asarray(pair_scores, dtype=float).tolist()):
-        top, arg = best.get(t, (-np.inf, []))
-        if s > top:
-            best[t] = (s, [i])
-        elif s == top:
-            arg.append(i)
-    return float(np.mean([arg == [txt2img[t]] for t, (_, arg) in best.items()]))
-
-
-def family_chance(pairs: np.ndarray) -> float:
-    """Expected within-family accuracy of a random scorer: mean over texts of 1 / family size."""
-    sizes = np.bincount(pairs[:, 1])
-    return float(np.mean(1.0 / sizes[sizes > 0]))

@@ -1,22 +1,10 @@
-"""``lavis-cprd demo``: the embedded default end to end, offline: ``lavis-cprd compare`` with
-the headline plan.
+"""What ``demo`` and ``compare`` share: their common arguments, training runs as
+subprocesses that are reused once finished, the evaluation split, the teacher (packaged,
+given, or retrained by the documented two-stage recipe).
 
-1. data: ``cprd_shapes`` with partial captions (a caption is true of several images, graded
-   relevance recorded) is generated (once) by its LAVIS builder;
-2. teacher: the cross-encoder shipped with the package (``PACKAGED_TEACHER``, fp16), or with
-   ``--retrain-teacher`` one trained by the documented two-stage recipe: ITC pre-training of
-   its towers on a larger set from the same generator, then LAVIS's BLIP retrieval objective
-   with verified-false ITM negatives (``configs/teacher_*_tiny_shapes.yaml``);
-3. students, for each seed: ITC alone, CPRD from the teacher and from the ``shapes_oracle``
-   (the upper bound of what a teacher can give), and the peers kl, loopitr, margin_mse,
-   listmle_full and conaclip;
-4. evaluation on the test split: LAVIS's metrics, the relevance-aware ones, the ranking
-   correlation; ``results.md``, ``results.json``, ``metrics.png``, ``score_distributions.png``.
-
-Each training run is a ``python -m lavis_cprd.train`` subprocess writing into the output
-folder; a finished run (its ``checkpoint_best.pth`` exists) is reused, so an interrupted demo
-picks up where it stopped. The helpers here (runs, teacher, evaluation data) are shared with
-``compare``.
+Each training run is a ``python -m lavis_cprd.apps.train`` subprocess writing into its own
+folder; a finished run (its ``checkpoint_best.pth`` exists) is reused, so an interrupted
+comparison picks up where it stopped.
 """
 from __future__ import annotations
 
@@ -30,24 +18,21 @@ import subprocess
 import sys
 import time
 from argparse import Namespace
-from typing import Dict, List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from omegaconf import OmegaConf
 
-from lavis_cprd.checkpoints import atomic_write, export_half, load_checkpoint
-from lavis_cprd.launch import load_config
+from lavis_cprd.checkpoints import atomic_write, export_half, load_checkpoint, model_from_checkpoint
+from lavis_cprd.paths import ASSETS, EXPERIMENTS
+from lavis_cprd.training.launch import load_config
 
-REPO_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-TEACHER_ITC_CFG = os.path.join(REPO_CONFIGS, "teacher_itc_tiny_shapes.yaml")
-TEACHER_CFG = os.path.join(REPO_CONFIGS, "teacher_blip_tiny_shapes.yaml")
-STUDENT_CFG = os.path.join(REPO_CONFIGS, "cprd_tiny_shapes.yaml")
-PACKAGED_TEACHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "teacher_blip_tiny_shapes.pth")
+TEACHER_ITC_CFG = os.path.join(EXPERIMENTS, "teacher_itc_tiny_shapes.yaml")
+TEACHER_CFG = os.path.join(EXPERIMENTS, "teacher_blip_tiny_shapes.yaml")
+STUDENT_CFG = os.path.join(EXPERIMENTS, "cprd_tiny_shapes.yaml")
+PACKAGED_TEACHER = os.path.join(ASSETS, "teacher_blip_tiny_shapes.pth")
 TEACHER_EXPORT = "teacher_fp16.pth"  # what --retrain-teacher writes next to its run: PACKAGED_TEACHER's format
-# The headline plan (see compare's flags): every method, the oracle for CPRD, no sweeps.
-HEADLINE = ["--methods", "none", "cprd", "kl", "loopitr", "margin_mse", "listmle_full", "conaclip",
-            "--oracle", "cprd", "--weights", "--ks", "--jobs", "2"]
-log = logging.getLogger("lavis_cprd.demo")
+log = logging.getLogger("lavis_cprd.apps.runs")
 
 
 def common_parser(prog: str, description: str, default_output: str) -> argparse.ArgumentParser:
@@ -79,7 +64,7 @@ def train_run(cfg_path: str, options: Sequence[str], run_dir: str, threads: Opti
         log.info("reusing %s", final)
         return final
     jobs = os.path.join(run_dir, "jobs")
-    cmd = [sys.executable, "-m", "lavis_cprd.train", "--cfg-path", cfg_path, "--options", f"run.output_dir={jobs}", *options]
+    cmd = [sys.executable, "-m", "lavis_cprd.apps.train", "--cfg-path", cfg_path, "--options", f"run.output_dir={jobs}", *options]
     log.info("running: %s", " ".join(cmd))
     t0 = time.time()
     env = None if threads is None else dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
@@ -103,14 +88,7 @@ def eval_split(cfg_path: str, options: Sequence[str], split: str = "test"):
 
 def load_trained(checkpoint: str, device: torch.device):
     """A model rebuilt from a LAVIS runner checkpoint (its stored config + weights)."""
-    from lavis.common.registry import registry
-
-    stored = torch.load(checkpoint, map_location="cpu", weights_only=True)["config"]["model"]
-    mcfg = OmegaConf.create(stored)
-    mcfg.load_finetuned, mcfg.finetuned, mcfg.pretrained = True, checkpoint, None
-    mcfg.pop("text_pretrained", None)  # weights come from the checkpoint
-    model = registry.get_model_class(mcfg.arch).from_config(mcfg)
-    return model.to(device).eval()
+    return model_from_checkpoint(checkpoint, device)
 
 
 def ensure_teacher(args: argparse.Namespace, out: str) -> str:
@@ -146,24 +124,3 @@ def warn_if_other_data(args: argparse.Namespace) -> None:
     if differ:
         log.warning("the packaged teacher was trained on cprd_shapes with %s; the students' data differ in %s "
                     "(use --retrain-teacher for a teacher of this data)", {k: stored.get(k) for k in differ}, differ)
-
-
-def main(argv: Optional[List[str]] = None) -> Dict:
-    """``compare`` with the headline plan and ``output/demo``; later flags override."""
-    from lavis_cprd import compare  # compare builds on this module's helpers
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    given = argparse.ArgumentParser(add_help=False)
-    given.add_argument("--methods", nargs="+")
-    given.add_argument("--oracle", nargs="*")
-    given = given.parse_known_args(argv)[0]
-    headline = list(HEADLINE)
-    if given.methods is not None and given.oracle is None:  # the default oracle run only for methods still planned
-        at = headline.index("--oracle")
-        kept = [m for m in headline[at + 1:at + 2] if m in given.methods]
-        headline[at:at + 2] = ["--oracle", *kept] if kept else []
-    return compare.main([*headline, "--output", "output/demo", *argv])
-
-
-if __name__ == "__main__":
-    main()

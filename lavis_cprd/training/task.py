@@ -1,7 +1,6 @@
 """``cprd_retrieval``: LAVIS's retrieval task, trained through the distilling model's forward."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections import defaultdict
@@ -18,6 +17,7 @@ from lavis.tasks.retrieval import RetrievalTask
 from omegaconf import open_dict
 
 from lavis_cprd.checkpoints import atomic_write
+from lavis_cprd.training import lavis_patches
 from lavis_cprd.datasets.checks import check_split, unknown_only_checker
 from lavis_cprd.datasets.coco_eccv import CONFIG_KEY as COCO_CAPTIONS_KEY
 from lavis_cprd.datasets.coco_eccv import eccv_metrics, resolve_captions_path, tag_coco_ids
@@ -46,6 +46,11 @@ class CprdRetrievalTask(RetrievalTask):
         self.skipped_steps = 0
         self._skip_update = False
         self.autocast_dtype = autocast_dtype(cfg)
+
+    @property
+    def epoch_terms(self) -> Dict[str, List[float]]:
+        """This epoch's per-step values of the logged loss terms (their means go to log.txt)."""
+        return dict(self._epoch_terms)
 
     # ----------------------------------------------------------------- building
     def build_datasets(self, cfg):
@@ -155,7 +160,7 @@ class CprdRetrievalTask(RetrievalTask):
         self._epoch_terms.clear()
         optimizer = kwargs.get("optimizer")
         if optimizer is not None and int(kwargs.get("accum_grad_iters", 1)) == 1:
-            with _skippable_steps(optimizer, self):
+            with lavis_patches.skippable_steps(optimizer, lambda: self._skip_update):
                 stats = super().train_epoch(epoch=epoch, model=model, **kwargs)
         else:  # with gradient accumulation a skipped step only contributes zero gradients
             stats = super().train_epoch(epoch=epoch, model=model, **kwargs)
@@ -205,24 +210,6 @@ def _any_rank(flag: bool) -> bool:
     t = torch.tensor([float(flag)], device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
-
-
-@contextlib.contextmanager
-def _skippable_steps(optimizer, task: "CprdRetrievalTask"):
-    """``optimizer.step`` does nothing after a skipped (non-finite) step: a zero gradient would
-    still move the weights through AdamW's moments and weight decay."""
-    step = optimizer.step
-
-    def guarded(*args, **kwargs):
-        if task._skip_update:
-            return None
-        return step(*args, **kwargs)
-
-    optimizer.step = guarded
-    try:
-        yield
-    finally:
-        optimizer.step = step
 
 
 def _as_list(value) -> list:

@@ -88,7 +88,7 @@ def load_student(cfg_path: str, ckpt: Optional[str], options: Sequence[str] = ()
     import lavis.tasks as tasks
     from lavis.common.registry import registry
 
-    from lavis_cprd.launch import load_config
+    from lavis_cprd.training.launch import load_config
 
     cfg = load_config(argparse.Namespace(cfg_path=cfg_path, options=list(options)))
     model = tasks.setup_task(cfg).build_model(cfg)

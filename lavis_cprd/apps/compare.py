@@ -21,10 +21,10 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from lavis_cprd.demo import common_parser, ensure_teacher, eval_split, load_trained, train_run
-from lavis_cprd.distill_config import DISTILL_LOSSES, LOSS_CANDIDATES
+from lavis_cprd.apps.runs import common_parser, ensure_teacher, eval_split, load_trained, train_run
+from lavis_cprd.distill.registry import get_loss, list_losses
 from lavis_cprd.relevance import dataset_relevance, relevance_metrics
-from lavis_cprd.reporting import (
+from lavis_cprd.apps.reporting import (
     checkpoint_label,
     best_epoch,
     kendall_tau_on_hard_negatives,
@@ -38,13 +38,13 @@ from lavis_cprd.reporting import (
     val_at_best,
 )
 
-log = logging.getLogger("lavis_cprd.compare")
+log = logging.getLogger("lavis_cprd.apps.compare")
 LABEL_BASELINE = "ITC only (baseline)"
 
 
 def parse_args(argv: Optional[List[str]]):
     p = common_parser("lavis-cprd compare", __doc__.split("\n\n")[0], "output/compare")
-    p.add_argument("--methods", nargs="+", default=list(DISTILL_LOSSES), help="losses to train (default: all)")
+    p.add_argument("--methods", nargs="+", default=list_losses(), help="losses to train (default: all)")
     p.add_argument("--weights", type=float, nargs="*", default=[0.5, 2.0], help="extra CPRD weights to sweep")
     p.add_argument("--ks", type=int, nargs="*", default=[2, 8], help="extra CPRD numbers of hard negatives to sweep")
     p.add_argument("--temperatures", nargs="*", default=[], help="extra CPRD distillation temperatures to sweep "
@@ -59,19 +59,15 @@ def parse_args(argv: Optional[List[str]]):
                    "trained teacher's logits and its other cross-encoder runs read them: the same numbers, "
                    "less time)")
     args = p.parse_args(argv)
-    unknown = sorted(set(args.methods) - set(DISTILL_LOSSES))
+    unknown = sorted(set(args.methods) - set(list_losses()))
     if unknown:
-        p.error(f"unknown method(s) {unknown}; choose from {list(DISTILL_LOSSES)}")
+        p.error(f"unknown method(s) {unknown}; choose from {list_losses()}")
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
     unknown = sorted(set(args.oracle or []) - set(args.methods))
     if unknown:
         p.error(f"--oracle {unknown}: not among --methods {args.methods}")
     return args
-
-
-# ConaCLIP distils a dual encoder: the shared teacher's own ITC towers (its checkpoint holds both).
-METHOD_OPTIONS = {"conaclip": ["model.distill.teacher.arch=blip_feature_extractor"]}
 
 
 ORACLE_OPTIONS = ["model.distill.teacher.arch=shapes_oracle"]
@@ -84,7 +80,7 @@ def plan(args) -> List[Tuple[str, str, List[str]]]:
     """``(run name, table label, config overrides)`` of every student configuration; with
     ``--oracle`` each cross-encoder run also with the ``shapes_oracle`` teacher."""
     runs = [
-        (m, LABEL_BASELINE if m == "none" else m, [f"model.distill.loss={m}", *METHOD_OPTIONS.get(m, [])])
+        (m, LABEL_BASELINE if m == "none" else m, [f"model.distill.loss={m}", *get_loss(m).compare_options])
         for m in args.methods
     ]
     cprd = "model.distill.loss=cprd"
@@ -97,7 +93,7 @@ def plan(args) -> List[Tuple[str, str, List[str]]]:
     out = []
     for name, label, options in runs:
         method = _loss_of(options)
-        cross = method not in ("none", "conaclip") and (not args.oracle or method in args.oracle)
+        cross = get_loss(method).teacher == "cross" and (not args.oracle or method in args.oracle)
         if not (cross and args.no_trained_teacher):
             out.append((name, label, options))
         if cross:
@@ -111,7 +107,7 @@ def _loss_of(options: List[str]) -> str:
 
 def _reads_trained_teacher(options: List[str]) -> bool:
     """Whether a run scores pairs with the shared trained cross-encoder."""
-    return _loss_of(options) not in ("none", "conaclip") and not set(ORACLE_OPTIONS) <= set(options)
+    return get_loss(_loss_of(options)).teacher == "cross" and not set(ORACLE_OPTIONS) <= set(options)
 
 
 def score_recorders(args, todo: List[Tuple[str, int, List[str]]]) -> Dict[int, str]:
@@ -125,7 +121,7 @@ def score_recorders(args, todo: List[Tuple[str, int, List[str]]]) -> Dict[int, s
         return {}
     recorders: Dict[int, str] = {}
     for name, seed, options in todo:
-        if _reads_trained_teacher(options) and LOSS_CANDIDATES.get(_loss_of(options)) == "all":
+        if _reads_trained_teacher(options) and get_loss(_loss_of(options)).candidates == "all":
             recorders.setdefault(seed, name)
     return recorders
 
@@ -138,7 +134,7 @@ def train_students(args, out: str, teacher_ckpt: str, runs: List[Tuple[str, str,
     recorders = score_recorders(args, todo)
     # Recorders first (their readers wait for them), then the other all-pair runs, the longest:
     # no long run is left alone at the end.
-    todo.sort(key=lambda job: (recorders.get(job[1]) != job[0], LOSS_CANDIDATES.get(_loss_of(job[2])) != "all"))
+    todo.sort(key=lambda job: (recorders.get(job[1]) != job[0], get_loss(_loss_of(job[2])).candidates != "all"))
     threads = None if args.jobs == 1 else max(1, torch.get_num_threads() // args.jobs)
     recording: Dict[int, object] = {}  # seed -> the recorder's future
 
@@ -192,16 +188,16 @@ def teacher_metrics(teacher, images: torch.Tensor, dataset, truth: Dict[str, np.
 
 @torch.no_grad()
 def evaluate(args, out: str, teacher_ckpt: str, ckpts: Dict[str, Dict[int, str]], labels: Dict[str, str]) -> Dict:
-    from lavis.common.registry import registry
     from lavis.tasks.retrieval import RetrievalTask
     from torch.utils.data import DataLoader
 
-    from lavis_cprd.runner import resolve_device
+    from lavis_cprd.training import lavis_patches
+    from lavis_cprd.training.runner import resolve_device
     from lavis_cprd.teachers import BlipITMTeacher
 
     device = resolve_device("auto")
     dataset, cfg = eval_split(args.student_cfg, [*args.options, *args.student_options])
-    registry.mapping["paths"]["output_dir"] = out  # LAVIS's _report_metrics appends to evaluate.txt here
+    lavis_patches.set_output_dir(out)  # LAVIS's _report_metrics appends to evaluate.txt here
     loader = DataLoader(dataset, batch_size=64, shuffle=False)
     images = torch.cat([b["image"] for b in loader]).to(device)
     teacher = BlipITMTeacher(load_trained(teacher_ckpt, device))

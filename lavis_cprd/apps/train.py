@@ -1,4 +1,4 @@
-"""Train with a LAVIS config: ``python -m lavis_cprd.train --cfg-path X.yaml [--options k=v ...]``.
+"""Train with a LAVIS config: ``python -m lavis_cprd.apps.train --cfg-path X.yaml [--options k=v ...]``.
 
 Mirrors LAVIS's ``train.py``, with lavis-cprd's registrations imported first.
 """
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import List, Optional
 
-from lavis_cprd.launch import build_runner, make_parser, shutdown_distributed
+from lavis_cprd.training.launch import build_runner, make_parser, shutdown_distributed
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -18,8 +18,8 @@ from typing import List, Optional
 import torch
 from omegaconf import OmegaConf
 
-from lavis_cprd.launch import load_config, setup_seeds
-from lavis_cprd.teacher_cache import build_teacher_cache
+from lavis_cprd.training.launch import load_config, setup_seeds
+from lavis_cprd.distill.teacher_cache import build_teacher_cache
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,223 @@
+"""``model.distill`` as an object the student holds: the frozen teacher (built lazily), the
+score cache and record, the choice of candidates, one teacher call per step, the per-query
+loss of the registry entry in each direction, and the normalisation that makes DDP's
+gradient average equal the single-process mean.
+
+A student's ``forward`` computes its ITC term and hands the step (:class:`Step`) to
+``objective.loss(step, student)``. A loss with a dual-encoder teacher (ConaCLIP) has the
+objective of ``distill.conaclip`` instead.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from lavis_cprd import distributed
+from lavis_cprd.distill.config import DistillConfig
+from lavis_cprd.distill.mining import all_negatives, first_occurrence_mask, mine_hard_negatives
+from lavis_cprd.distill.registry import Direction, get_loss
+from lavis_cprd.distill.teacher_cache import TeacherScoreCache, TeacherScoreRecord
+from lavis_cprd.teachers import FrozenTeacher, build_teacher, teacher_class
+from lavis_cprd.teachers.registry import DEFAULT_TEACHERS
+
+
+@dataclass
+class Step:
+    """What the objective reads of one training step: this rank's batch (images, raw captions,
+    image ids), the candidates' image ids gathered over all ranks, the student's unit features
+    and its similarities of the local queries to the gathered candidates."""
+
+    image: torch.Tensor
+    captions: Sequence[str]
+    image_ids: torch.Tensor
+    image_ids_all: torch.Tensor
+    image_feat: torch.Tensor
+    text_feat: torch.Tensor
+    sim_i2t: torch.Tensor
+    sim_t2i: torch.Tensor
+
+
+class DistillObjective:
+    """The cross-encoder objective: per query, the teacher's logits of its candidates (the K
+    mined hard negatives, or every negative) and of its positive, and the registered loss."""
+
+    def __init__(self, cfg: DistillConfig, tokenizer_path: Optional[str] = None):
+        self.cfg = cfg
+        self.tokenizer_path = tokenizer_path
+        if get_loss(cfg.loss).teacher is not None:  # fails at model build, listing the adapters of this kind
+            teacher_class(self.teacher_arch, cfg.teacher_kind)
+        self._teacher: Optional[FrozenTeacher] = None
+        self._cache: Optional[TeacherScoreCache] = None
+        self._record = TeacherScoreRecord() if cfg.teacher_record else None
+        # The last step's statistics (logged by the task): the share of teacher pairs found in
+        # the cache, and the share of queries with a distillation term.
+        self.cache_hit_rate: Optional[torch.Tensor] = None
+        self.contributing_share: Optional[torch.Tensor] = None
+
+    @property
+    def spec(self):
+        """The registry entry of ``cfg.loss``."""
+        return get_loss(self.cfg.loss)
+
+    @property
+    def teacher_arch(self) -> str:
+        return self.cfg.teacher.get("arch", DEFAULT_TEACHERS[self.cfg.teacher_kind])
+
+    def active(self, epoch: int) -> bool:
+        """Whether an epoch's loss includes the distillation term (``distill.start_epoch``)."""
+        return self.cfg.needs_teacher and epoch >= self.cfg.start_epoch
+
+    # ------------------------------------------------------------------ teacher
+    @property
+    def teacher(self) -> FrozenTeacher:
+        """The frozen teacher, built on first use (evaluation never builds it)."""
+        if self._teacher is None:
+            t0 = time.time()
+            # Built from its own seed, on a forked RNG: a randomly initialised teacher is the
+            # same in every process and after a resume, and building it (lazily, mid-training)
+            # never shifts the training RNG streams.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(self.cfg.teacher.get("seed", 0)))
+                self._teacher = build_teacher(self.cfg.teacher, tokenizer_path=self.tokenizer_path, kind=self.cfg.teacher_kind)
+            logging.info("Built teacher %s in %.1fs", self.cfg.teacher.get("arch"), time.time() - t0)
+        return self._teacher
+
+    @teacher.setter
+    def teacher(self, teacher: FrozenTeacher) -> None:
+        self._teacher = teacher
+
+    @property
+    def teacher_built(self) -> bool:
+        """Whether the teacher has been built (it is, on the first distilling step)."""
+        return self._teacher is not None
+
+    @property
+    def teacher_cache(self) -> Optional[TeacherScoreCache]:
+        """``distill.teacher_cache``, loaded on first use (None when not configured)."""
+        if self._cache is None and self.cfg.teacher_cache:
+            self._cache = TeacherScoreCache.load(self.cfg.teacher_cache)
+        return self._cache
+
+    def use_teacher_cache(self, cache: Union[str, TeacherScoreCache, None]) -> None:
+        """Read teacher logits from ``cache`` from now on: a folder (``distill.teacher_cache``)
+        or a loaded :class:`TeacherScoreCache`; None: the teacher scores every pair."""
+        if isinstance(cache, TeacherScoreCache):
+            self.cfg.teacher_cache, self._cache = cache.root or "in-memory", cache
+        else:
+            self.cfg.teacher_cache, self._cache = cache, None
+
+    def save_teacher_record(self) -> None:
+        """``distill.teacher_record``: write the teacher logits computed so far (every rank
+        calls this; the task does at each epoch's end)."""
+        if self._record is not None:
+            n = self._record.save(self.cfg.teacher_record, {"teacher": dict(self.cfg.teacher)})
+            logging.info("teacher record %s: %d pairs", self.cfg.teacher_record, n)
+
+    # --------------------------------------------------------------------- loss
+    def loss(self, step: Step, student) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(distillation loss, mean number of negatives used per query)``; the student gives
+        its logits' temperature (``distill_temperature``). Candidates come
+        from the gathered batch, queries are this rank's; each query's candidates (K mined
+        hard negatives, or every negative) and its positive are scored in one teacher call."""
+        cfg = self.cfg
+        image_ids, image_ids_all = step.image_ids, step.image_ids_all
+        b, offset = step.image.shape[0], distributed.rank_offset(step.image.shape[0])
+        local = torch.arange(b, device=step.image.device)
+
+        # A batch repeats an image once per caption: each image is one query / one candidate.
+        unique_all = first_occurrence_mask(image_ids_all)
+        in_scope = torch.ones_like(unique_all)
+        if cfg.mining_scope == "local":
+            in_scope = torch.zeros_like(unique_all)
+            in_scope[offset : offset + b] = True
+        image_queries = local[unique_all[offset : offset + b]]
+        sim_i2t, sim_t2i = step.sim_i2t, step.sim_t2i
+        if cfg.candidates == "hard":
+            k = cfg.num_hard_negatives
+            neg_texts = mine_hard_negatives(
+                sim_i2t[image_queries], image_ids[image_queries], image_ids_all, k, cand_mask=in_scope
+            )
+            neg_images = mine_hard_negatives(sim_t2i, image_ids, image_ids_all, k, cand_mask=unique_all & in_scope)
+            mask_texts, mask_images = torch.ones_like(neg_texts, dtype=torch.bool), torch.ones_like(neg_images, dtype=torch.bool)
+        else:
+            neg_texts, mask_texts = all_negatives(sim_i2t[image_queries], image_ids[image_queries], image_ids_all, in_scope)
+            neg_images, mask_images = all_negatives(sim_t2i, image_ids, image_ids_all, unique_all & in_scope)
+
+        # One teacher call over the gathered batch; pairs are (image, caption) global indices.
+        q_i, q_t = image_queries + offset, local + offset
+        # Positive pairs are scored only when the loss reads them (a fifth of the pairs at K = 4).
+        pos_i = None if cfg.uses_teacher_positive else torch.zeros_like(q_i.view(-1, 1), dtype=torch.bool)
+        pos_t = None if cfg.uses_teacher_positive else torch.zeros_like(q_t.view(-1, 1), dtype=torch.bool)
+        z_i2t, z_t2i, z_pos_i, z_pos_t = self._teacher_logits(
+            distributed.gather_no_grad(step.image),
+            distributed.gather_strings(step.captions),
+            image_ids_all,
+            [
+                (q_i.view(-1, 1).expand_as(neg_texts), neg_texts, mask_texts),  # image query, negative text
+                (neg_images, q_t.view(-1, 1).expand_as(neg_images), mask_images),  # negative image, text query
+                (q_i.view(-1, 1), q_i.view(-1, 1), pos_i),  # each image query with its own caption
+                (q_t.view(-1, 1), q_t.view(-1, 1), pos_t),  # each text query with its own image
+            ],
+        )
+        temp = student.distill_temperature
+        loss_i2t, used_i2t, share_i2t = self._direction(Direction(
+            sim_i2t[image_queries, q_i] / temp, sim_i2t[image_queries].gather(1, neg_texts) / temp,
+            z_pos_i.view(-1), z_i2t, mask_texts,
+        ))
+        loss_t2i, used_t2i, share_t2i = self._direction(Direction(
+            sim_t2i[local, q_t] / temp, sim_t2i.gather(1, neg_images) / temp, z_pos_t.view(-1), z_t2i, mask_images
+        ))
+        used = torch.cat([used_i2t.float().sum(1), used_t2i.float().sum(1)]).mean()
+        self.contributing_share = (0.5 * (share_i2t + share_t2i)).detach()
+        return 0.5 * (loss_i2t + loss_t2i), used.detach()
+
+    def _direction(self, d: Direction) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One direction's loss, reduced over all ranks' contributing (or all) queries, the mask
+        of the negatives it used (for CPRD: the valid ones) and the share of contributing queries."""
+        if self.spec.per_query is None:  # an entry registered without a per-query function
+            raise ValueError(f"model.distill.loss={self.cfg.loss!r} has no per-query implementation")
+        per_query, contributes, used = self.spec.per_query(d, self.cfg)
+        # Normalise by the count over all ranks so that DDP's gradient average equals the
+        # single-process mean over contributing (distill.normalize: all = every) queries.
+        counts = distributed.all_reduce_sum(torch.stack([contributes.sum().float(), torch.tensor(float(contributes.numel()), device=contributes.device)]))
+        total = counts[0] if self.cfg.normalize == "contributing" else counts[1]
+        loss = (per_query * contributes).sum() * distributed.get_world_size() / total.clamp(min=1)
+        return loss, used, counts[0] / counts[1].clamp(min=1)
+
+    # ------------------------------------------------------------- pair scoring
+    def _teacher_logits(self, images_all, captions_all, image_ids_all, blocks) -> List[torch.Tensor]:
+        """Teacher logits ``log p1 - log p0`` for blocks of ``(image idx, caption idx, mask)``
+        index tensors of one shape each: one teacher call over the masked-in pairs, 0 elsewhere.
+        Pairs found in ``distill.teacher_cache`` are read from it; the teacher scores the rest."""
+        flat = []
+        for i, t, m in blocks:
+            m = torch.ones_like(i, dtype=torch.bool) if m is None else m
+            flat.append((i.reshape(-1), t.reshape(-1), m.reshape(-1), i.shape))
+        pairs = torch.cat([torch.stack([i[m], t[m]], 1) for i, t, m, _ in flat])
+        # The two directions share many pairs (all of them when every negative is used).
+        unique_pairs, inverse = torch.unique(pairs, dim=0, return_inverse=True)
+        logits = self._score_pairs(images_all, captions_all, image_ids_all, unique_pairs)[inverse]
+        chunks = logits.split([int(m.sum()) for _, _, m, _ in flat])
+        return [logits.new_zeros(m.shape).masked_scatter(m, c).view(shape) for (_, _, m, shape), c in zip(flat, chunks)]
+
+    def _score_pairs(self, images_all, captions_all, image_ids_all, pairs) -> torch.Tensor:
+        cache = self.teacher_cache
+        if cache is None:
+            logits = self.teacher.logit(images_all, captions_all, pairs, image_ids=image_ids_all)
+            self._remember(image_ids_all, captions_all, pairs, logits)
+            return logits
+        logits, hit = cache.lookup(image_ids_all[pairs[:, 0]], [captions_all[j] for j in pairs[:, 1].tolist()])
+        logits, hit = logits.to(images_all.device), hit.to(images_all.device)
+        if not bool(hit.all()):  # the teacher is built only when some pair is missing
+            logits[~hit] = self.teacher.logit(images_all, captions_all, pairs[~hit], image_ids=image_ids_all)
+            self._remember(image_ids_all, captions_all, pairs[~hit], logits[~hit])
+        self.cache_hit_rate = hit.float().mean().detach()
+        return logits
+
+    def _remember(self, image_ids_all, captions_all, pairs, logits) -> None:
+        if self._record is not None:
+            self._record.add(image_ids_all[pairs[:, 0]], [captions_all[j] for j in pairs[:, 1].tolist()], logits)

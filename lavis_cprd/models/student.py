@@ -1,0 +1,181 @@
+"""What every student shares, whatever its towers: the learnable ITC temperature, the
+distillation objective it holds (``distill.objective``), ``forward`` (ITC + the objective's
+term), ``model.compile`` and dual-encoder retrieval (``compute_sim_matrix``).
+
+A student family subclasses :class:`DistillingStudent`, builds its towers and then calls
+``_init_student``; it provides ``tokenize``, ``encode_image`` and ``encode_text``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from lavis.models.blip_models.blip import BlipBase
+from torch import nn
+from transformers.modeling_outputs import ModelOutput
+
+from lavis_cprd import distributed
+from lavis_cprd.distill.config import DistillConfig
+from lavis_cprd.distill.conaclip import ConaclipObjective
+from lavis_cprd.distill.objective import DistillObjective, Step
+from lavis_cprd.losses import itc_loss, positive_mask
+from lavis_cprd.models.retrieval import dual_encoder_sim_matrix
+from lavis_cprd.teachers import FrozenTeacher
+
+
+@dataclass
+class CprdOutput(ModelOutput):
+    loss: Optional[torch.Tensor] = None
+    loss_itc: Optional[torch.Tensor] = None
+    loss_distill: Optional[torch.Tensor] = None
+    # Mean number of valid (teacher-hard) negatives per query, over both directions.
+    valid_negatives: Optional[torch.Tensor] = None
+    # Share of this step's teacher pairs found in distill.teacher_cache.
+    teacher_cache_hit_rate: Optional[torch.Tensor] = None
+    # Share of queries with a distillation term (CPRD: at least one valid negative).
+    contributing_queries: Optional[torch.Tensor] = None
+
+
+class DistillingStudent(BlipBase):
+    """A dual encoder trained with ITC plus the distillation objective of ``distill``."""
+
+    # Methods ``model.compile`` replaces by compiled versions: pixels or token ids in, unit
+    # embeddings out. Mining, the teacher and the losses stay eager (their pair counts vary
+    # from step to step, and they are a small share of the step).
+    compiled_methods: Tuple[str, ...] = ("encode_image", "encode_text")
+
+    def _init_student(self, embed_dim: int, temp: float, distill: Optional[DistillConfig], tokenizer_path) -> None:
+        """After the towers: learnable temperature, the objective, ConaCLIP's maps into the
+        teacher's space (registered last, so checkpoint keys keep their order)."""
+        self.embed_dim = int(embed_dim)
+        self.temp = nn.Parameter(temp * torch.ones([]))
+        self.distill = distill or DistillConfig()
+        self.tokenizer_path = tokenizer_path
+        # A dual-encoder teacher (ConaCLIP) is distilled by its feature graph; a cross-encoder
+        # (or none) by the ranking/logit losses of the registry.
+        objective = ConaclipObjective if self.distill.teacher_kind == "dual" else DistillObjective
+        self.objective: DistillObjective = objective(self.distill, tokenizer_path)
+        self.epoch = 0  # set by the task each training epoch (distill.start_epoch)
+        dim = getattr(self.objective, "teacher_embed_dim", None)
+        if dim is not None:
+            # ConaCLIP's teacher-student edges compare embeddings across the two models: the
+            # student's features are mapped into the teacher's space (identity when the sizes
+            # agree). Only those edges read it; retrieval uses the student's own space.
+            self.conaclip_proj = nn.ModuleDict(
+                {m: nn.Identity() if dim == embed_dim else nn.Linear(embed_dim, dim) for m in ("img", "txt")}
+            )
+
+    # ------------------------------------------------------------------ encoders
+    def encode_captions(self, captions, device) -> torch.Tensor:
+        """Unit text embeddings of raw captions (this family's own tokenizer)."""
+        return self.encode_text(self.tokenize(captions, device))
+
+    def compile_encoders(self, spec) -> None:
+        """``model.compile``: ``true`` (inductor, default mode) or a mapping of
+        ``torch.compile`` arguments ``{backend, mode, dynamic, fullgraph}``. The compiled
+        functions live beside the modules, so ``state_dict`` keys (checkpoints) are unchanged."""
+        options = compile_options(spec)
+        if options is None:
+            return
+        for name in self.compiled_methods:
+            setattr(self, name, torch.compile(getattr(self, name), **options))
+        logging.info("model.compile: %s compiled with %s", ", ".join(self.compiled_methods), options)
+
+    # ------------------------------------------------------------------ teacher
+    @property
+    def teacher(self) -> FrozenTeacher:
+        """The objective's frozen teacher (a cross-encoder; a dual encoder for ConaCLIP), built
+        on first use (evaluation never builds it)."""
+        return self.objective.teacher
+
+    @teacher.setter
+    def teacher(self, teacher: FrozenTeacher) -> None:
+        self.objective.teacher = teacher
+
+    def save_teacher_record(self) -> None:
+        self.objective.save_teacher_record()
+
+    # ------------------------------------------------------------------ training
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    @property
+    def distilling(self) -> bool:
+        """Whether this epoch's loss includes the distillation term."""
+        return self.objective.active(self.epoch)
+
+    @property
+    def distill_temperature(self):
+        """``tau_d`` of the student logits ``x = s / tau_d`` in the cross-encoder losses:
+        ``distill.temperature`` when fixed; with ``itc`` the learnable ITC temperature
+        (detached when ``distill.detach_temperature``)."""
+        cfg = self.distill
+        if cfg.temperature == "itc":
+            return self.temp.detach() if cfg.detach_temperature else self.temp
+        return float(cfg.temperature)
+
+    def forward(self, samples) -> CprdOutput:
+        image, captions, image_ids = samples["image"], samples["text_input"], samples["image_id"]
+        image_ids = image_ids.to(image.device).view(-1)
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+
+        image_feat = self.encode_image(image)
+        text_feat = self.encode_captions(captions, image.device)
+
+        # Candidates come from the batch gathered over all ranks; queries stay local.
+        image_feat_all = distributed.gather_with_grad(image_feat)
+        text_feat_all = distributed.gather_with_grad(text_feat)
+        image_ids_all = distributed.gather_no_grad(image_ids)
+        sim_i2t = image_feat @ text_feat_all.t()
+        sim_t2i = text_feat @ image_feat_all.t()
+        pos = positive_mask(image_ids, image_ids_all)
+        loss_itc = itc_loss(sim_i2t / self.temp, sim_t2i / self.temp, pos, pos)
+
+        if not self.distilling:
+            return CprdOutput(loss=loss_itc, loss_itc=loss_itc)
+        step = Step(image, captions, image_ids, image_ids_all, image_feat, text_feat, sim_i2t, sim_t2i)
+        loss_distill, valid = self.objective.loss(step, self)
+        return CprdOutput(
+            loss=loss_itc + self.distill.weight * loss_distill,
+            loss_itc=loss_itc,
+            loss_distill=loss_distill,
+            valid_negatives=valid,
+            teacher_cache_hit_rate=self.objective.cache_hit_rate,
+            contributing_queries=self.objective.contributing_share,
+        )
+
+    # ---------------------------------------------------------------- retrieval
+    @torch.no_grad()
+    def compute_sim_matrix(self, data_loader, task_cfg=None) -> Tuple[np.ndarray, np.ndarray]:
+        """Pure dual-encoder retrieval: encode all texts and images, one matrix product.
+
+        Returns LAVIS's pair ``(scores_i2t [n_img, n_txt], scores_t2i [n_txt, n_img])``.
+        """
+        return dual_encoder_sim_matrix(self, data_loader, int((task_cfg or {}).get("text_batch_size", 256)))
+
+
+COMPILE_OPTIONS = ("backend", "mode", "dynamic", "fullgraph")
+
+
+def compile_options(spec) -> Optional[Dict[str, Any]]:
+    """``torch.compile`` keyword arguments from ``model.compile`` (None: do not compile)."""
+    if spec is None or spec is False:
+        return None
+    if spec is True:
+        return {}
+    if not hasattr(spec, "items"):
+        raise ValueError(f"model.compile must be true, false or a mapping of {list(COMPILE_OPTIONS)}, got {spec!r}")
+    options = {str(k): v for k, v in spec.items()}
+    unknown = sorted(set(options) - set(COMPILE_OPTIONS))
+    if unknown:
+        raise ValueError(f"model.compile has unknown keys {unknown}; valid keys: {list(COMPILE_OPTIONS)}")
+    backend = options.get("backend", "inductor")
+    if not callable(backend) and backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ValueError(
+            f"model.compile.backend={backend!r} is not one of {torch._dynamo.list_backends(exclude_tags=())}"
+        )
+    return options

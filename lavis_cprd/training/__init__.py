@@ -1,0 +1,1 @@
+"""The LAVIS integration: the task, the runner, launching, batch sampling, the LAVIS 1.0.2 patches."""

@@ -1,0 +1,37 @@
+"""`lavis-cprd list` and `--help`: what is registered, read from the registries themselves."""
+import pytest
+
+from lavis_cprd.apps import cli
+from lavis_cprd.distill.registry import get_loss, list_losses
+from lavis_cprd.teachers import available_teachers
+
+
+def test_list_prints_every_registered_entry_with_its_description(capsys):
+    cli.list_main([])
+    out = capsys.readouterr().out
+    sections = {}
+    for line in out.splitlines():
+        if not line.startswith(" "):
+            current = sections.setdefault(line.rstrip(":"), {})
+        else:
+            name, _, description = line.strip().partition(" ")
+            current[name] = description.strip()
+    losses = sections["losses (model.distill.loss)"]
+    assert list(losses) == list_losses() == ["none", "cprd", "loopitr", "margin_mse", "kl", "listmle_full", "conaclip"]
+    assert all(losses[n] == get_loss(n).description for n in losses)
+    assert sorted(sections["teachers (model.distill.teacher.arch)"]) == available_teachers()
+    assert sections["teachers (model.distill.teacher.arch)"]["shapes_oracle"].startswith("[cross]")
+    assert {"cprd_dual_encoder", "cprd_clip_dual_encoder", "cprd_blip_retrieval"} == set(sections["students and models (model.arch)"])
+    assert set(sections["datasets"]) == {"cprd_shapes"} and set(sections["tasks (run.task)"]) == {"cprd_retrieval"}
+
+
+def test_help_lists_the_commands_with_descriptions(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for name, (_, description) in cli.COMMANDS.items():
+        assert f"  {name}" in out and description in out
+    with pytest.raises(SystemExit) as done:
+        cli.main(["trian"])
+    assert done.value.code == 2 and "unknown command 'trian'" in capsys.readouterr().err
