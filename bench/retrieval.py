@@ -10,8 +10,8 @@ Random weights and random pixels (timing does not depend on them); both models h
 towers of the embedded default's teacher (ViT and BERT 4 layers, 128 wide, 48 px). Peak
 memory is the process's resident-set high-water mark during the call, above what it held
 before (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``). Prints a Markdown table.
-Recall of the trained models on the embedded default is in the README's demo table
-(student 59.1 r_mean vs the two-stage teacher 66.0).
+Recall of the trained models on the unique-caption embedded default is in the demo table of
+``docs/unique_captions.md`` (student 59.1 r_mean vs the two-stage teacher 66.0).
 """
 from __future__ import annotations
 
