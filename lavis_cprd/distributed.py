@@ -1,4 +1,4 @@
-"""Distributed helpers that also work (as identities) in a single process."""
+"""Distributed helpers that also work (as identities) in a single process, and the device choice."""
 from __future__ import annotations
 
 from typing import List, Sequence
@@ -45,6 +45,13 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """``run.device`` (or a ``--device`` flag): ``cuda``, ``cpu`` or ``auto`` (CUDA when present)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
 def rank_offset(local_size: int) -> int:
     """Index of this rank's first sample in the gathered batch (equal local sizes)."""
     return get_rank() * local_size
@@ -52,5 +59,5 @@ def rank_offset(local_size: int) -> int:
 
 __all__ = [
     "gather_with_grad", "gather_no_grad", "gather_strings", "gather_objects", "all_reduce_sum", "rank_offset",
-    "get_rank", "get_world_size",
+    "get_rank", "get_world_size", "resolve_device",
 ]

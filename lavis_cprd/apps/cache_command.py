@@ -15,11 +15,11 @@ import argparse
 import logging
 from typing import List, Optional
 
-import torch
 from omegaconf import OmegaConf
 
 from lavis_cprd.training.launch import load_config, setup_seeds
 from lavis_cprd.distill.teacher_cache import build_teacher_cache
+from lavis_cprd.distributed import resolve_device
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -51,7 +51,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     setup_logger()
     cfg = load_config(args)
     setup_seeds(cfg)  # a randomly initialised (test) teacher is then the same on every run
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device or "auto")
     task = tasks.setup_task(cfg)
     datasets = task.build_datasets(cfg)
     name = args.dataset or next(iter(datasets))

@@ -192,7 +192,7 @@ def evaluate(args, out: str, teacher_ckpt: str, ckpts: Dict[str, Dict[int, str]]
     from torch.utils.data import DataLoader
 
     from lavis_cprd.training import lavis_patches
-    from lavis_cprd.training.runner import resolve_device
+    from lavis_cprd.distributed import resolve_device
     from lavis_cprd.teachers import BlipITMTeacher
 
     device = resolve_device("auto")

@@ -20,6 +20,7 @@ from lavis.common.registry import registry
 from lavis.common.utils import now
 
 from lavis_cprd.checkpoints import find_resume_checkpoint
+from lavis_cprd.distributed import resolve_device
 from lavis_cprd.training import lavis_patches
 
 DEFAULT_RUNNER = "cprd_runner"
@@ -63,7 +64,7 @@ def init_distributed(run_cfg) -> None:
     run_cfg.rank = int(os.environ["RANK"])
     run_cfg.world_size = int(os.environ["WORLD_SIZE"])
     run_cfg.gpu = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = torch.cuda.is_available() and run_cfg.get("device", "auto") != "cpu"
+    use_cuda = torch.cuda.is_available() and resolve_device(run_cfg.get("device", "auto")).type == "cuda"
     if use_cuda:
         torch.cuda.set_device(run_cfg.gpu)
     run_cfg.distributed = True

@@ -19,7 +19,6 @@ import logging
 import os
 import shutil
 
-import torch
 from lavis.common.dist_utils import get_rank, get_world_size, main_process
 from lavis.common.registry import registry
 from lavis.runners.runner_base import RunnerBase
@@ -27,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from lavis_cprd.checkpoints import BEST, LATEST, PREVIOUS, atomic_save, load_checkpoint, rng_state, set_rng_state
+from lavis_cprd.distributed import resolve_device
 from lavis_cprd.training import lavis_patches
 from lavis_cprd.training.sampling import GroupedBatchSampler
 from lavis_cprd.training.task import autocast_dtype
@@ -40,13 +40,6 @@ def adamw_options(run_cfg) -> dict:
     if impl not in ADAMW_IMPLS:
         raise ValueError(f"run.adamw_impl={impl!r} is not one of {list(ADAMW_IMPLS)}")
     return dict(ADAMW_IMPLS[impl])
-
-
-def resolve_device(name: str) -> torch.device:
-    """``run.device``: ``cuda``, ``cpu`` or ``auto`` (CUDA when present)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 @registry.register_runner("cprd_runner")
