@@ -202,3 +202,26 @@ def test_runs_of_a_seed_share_the_teachers_scores(compare_run, tmp_path):
         assert shared.keys() == own.keys()
         for key in shared:  # bf16 teacher: a pair's logit may round differently in another call's company
             assert torch.allclose(shared[key].float(), own[key].float(), atol=1e-3), (name, key)
+
+
+def test_score_statistics_equal_direct_teacher_scoring(compare_run):
+    """compare looks the finding-1 pairs up in the teacher's all-pairs table; scoring them
+    with the teacher directly gives the same means and tau."""
+    from torch.utils.data import DataLoader
+
+    from lavis_cprd.apps.reporting import kendall_tau_on_hard_negatives, score_distributions
+    from lavis_cprd.apps.runs import eval_split, load_trained
+    from lavis_cprd.relevance import dataset_relevance
+    from lavis_cprd.teachers import BlipITMTeacher
+
+    out, results = compare_run
+    dataset, _ = eval_split("configs/cprd_tiny_shapes.yaml", MICRO[1:])
+    loader = DataLoader(dataset, batch_size=64, shuffle=False)
+    images = torch.cat([b["image"] for b in loader])
+    teacher = BlipITMTeacher(load_trained(results["teacher_checkpoint"], torch.device("cpu")))
+    i2t, _ = load_trained(str(out / "cprd_seed0" / "checkpoint_best.pth"), torch.device("cpu")).compute_sim_matrix(loader)
+    truth = dataset_relevance(dataset)
+    direct = score_distributions(teacher, images, dataset, i2t, 8, true=None if truth is None else truth["true"])
+    for group, stats in direct.items():
+        assert results["score_distributions"]["cprd"][group]["teacher_mean"] == pytest.approx(stats["summary"]["teacher_mean"], abs=1e-5)
+    assert results["kendall_tau"]["cprd"] == pytest.approx(kendall_tau_on_hard_negatives(teacher, images, dataset, i2t, k=8), abs=1e-6)

@@ -25,6 +25,7 @@ from lavis_cprd.apps.runs import common_parser, ensure_teacher, eval_split, load
 from lavis_cprd.distill.registry import get_loss, list_losses
 from lavis_cprd.relevance import dataset_relevance, relevance_metrics
 from lavis_cprd.apps.reporting import (
+    ScoreTable,
     checkpoint_label,
     best_epoch,
     kendall_tau_on_hard_negatives,
@@ -175,12 +176,15 @@ def train_students(args, out: str, teacher_ckpt: str, runs: List[Tuple[str, str,
 
 
 @torch.no_grad()
-def teacher_metrics(teacher, images: torch.Tensor, dataset, truth: Dict[str, np.ndarray]) -> Dict[str, float]:
+def teacher_metrics(teacher, images: torch.Tensor, dataset, truth: Dict[str, np.ndarray],
+                    i2t: Optional[np.ndarray] = None) -> Dict[str, float]:
     """LAVIS's metrics and the relevance-aware ones of the teacher's ITM on every pair of a
-    split: its full ranking, which LAVIS's ITC top-k re-rank hides."""
+    split (``i2t``, scored here when not given): its full ranking, which LAVIS's ITC top-k
+    re-rank hides."""
     from lavis.tasks.retrieval import RetrievalTask
 
-    i2t = teacher_all_pairs(teacher, images, dataset.text)
+    if i2t is None:
+        i2t = teacher_all_pairs(teacher, images, dataset.text)
     metrics = RetrievalTask._report_metrics(i2t, i2t.T, dataset.txt2img, dataset.img2txt)
     metrics.update(relevance_metrics(i2t, truth["true"], truth["annotated"], truth.get("grades")))
     return metrics
@@ -202,6 +206,10 @@ def evaluate(args, out: str, teacher_ckpt: str, ckpts: Dict[str, Dict[int, str]]
     images = torch.cat([b["image"] for b in loader]).to(device)
     teacher = BlipITMTeacher(load_trained(teacher_ckpt, device))
     k_hard = max(int(cfg.model_cfg.distill.num_hard_negatives), 8)
+    # The teacher scores every test pair once (when there are few enough); the score statistics
+    # and tau of every method look their pairs up in that table.
+    all_pairs = teacher_all_pairs(teacher, images, dataset.text) if len(images) * len(dataset.text) <= MAX_TEACHER_PAIRS else None
+    scorer = teacher if all_pairs is None else ScoreTable(all_pairs)
 
     truth = dataset_relevance(dataset)
     plotted = next((n for n in ckpts if n.startswith("cprd")), next(iter(ckpts)))  # whose score distributions are drawn
@@ -217,9 +225,9 @@ def evaluate(args, out: str, teacher_ckpt: str, ckpts: Dict[str, Dict[int, str]]
             metrics["best_epoch"] = best_epoch(by_seed[seed])
             runs.setdefault(name, []).append(metrics)
             if seed == min(by_seed):  # score statistics and tau on the first seed
-                dists = score_distributions(teacher, images, dataset, i2t, k_hard, true=None if truth is None else truth["true"])
+                dists = score_distributions(scorer, images, dataset, i2t, k_hard, true=None if truth is None else truth["true"])
                 finding1[name] = {k: v["summary"] for k, v in dists.items()}
-                tau[name] = kendall_tau_on_hard_negatives(teacher, images, dataset, i2t, k=k_hard)
+                tau[name] = kendall_tau_on_hard_negatives(scorer, images, dataset, i2t, k=k_hard)
                 if name == plotted:
                     plot_score_distributions(dists, os.path.join(out, "score_distributions.png"), "teacher " + checkpoint_label(teacher_ckpt),
                                              f"student {labels[name]}, seed {seed}")
@@ -227,8 +235,8 @@ def evaluate(args, out: str, teacher_ckpt: str, ckpts: Dict[str, Dict[int, str]]
     val = {name: [val_at_best(os.path.dirname(by_seed[s])) for s in sorted(by_seed)] for name, by_seed in ckpts.items()}
     val_table = [summarize(labels[n], v) for n, v in val.items() if v and all(m is not None for m in v)]
     teacher_row = None
-    if truth is not None and len(images) * len(dataset.text) <= MAX_TEACHER_PAIRS:
-        teacher_row = summarize(LABEL_TEACHER, [teacher_metrics(teacher, images, dataset, truth)])
+    if truth is not None and all_pairs is not None:
+        teacher_row = summarize(LABEL_TEACHER, [teacher_metrics(teacher, images, dataset, truth, all_pairs)])
     return {"table": table, "val_table": val_table, "teacher": teacher_row, "runs": runs, "labels": {n: labels[n] for n in ckpts},
             "score_distributions": finding1, "kendall_tau": tau, "score_distributions_plotted": plotted,
             "device": str(device)}

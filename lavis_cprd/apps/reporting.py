@@ -85,6 +85,18 @@ def teacher_all_pairs(teacher, images: torch.Tensor, texts: Sequence[str], chunk
     return scores.view(n_img, n_txt).numpy()
 
 
+class ScoreTable:
+    """A teacher's scores of every pair of a split (``teacher_all_pairs``) standing in for the
+    teacher: ``score`` looks the pairs up instead of running it again."""
+
+    def __init__(self, scores: np.ndarray):
+        self.scores = torch.from_numpy(np.asarray(scores))
+
+    def score(self, images, captions, pairs: torch.Tensor) -> torch.Tensor:
+        pairs = torch.as_tensor(pairs).long()
+        return self.scores[pairs[:, 0], pairs[:, 1]]
+
+
 def _negatives(student_i2t: np.ndarray, img2txt: Dict[int, List[int]], k: int, seed: int = 0,
                true: Optional[np.ndarray] = None):
     """Per image query: its ``k`` hardest non-positive texts by the student, and ``k`` easy
