@@ -113,11 +113,11 @@ def export_half(src: str, dst: str) -> None:
     atomic_save({"model": weights, "config": config}, dst)
 
 
-def stored_model_config(path: str, where: str = "checkpoint") -> Dict[str, Any]:
+def stored_model_config(path: str, where: str = "checkpoint",
+                        what: str = "expected a trained checkpoint written by LAVIS's runner") -> Dict[str, Any]:
     """The ``model`` config a LAVIS runner checkpoint was trained with (it says the sizes)."""
     if not path or not os.path.isfile(path):
-        raise ValueError(f"{where}={path!r}: expected a trained checkpoint written by LAVIS's runner "
-                         "(its config says the sizes)")
+        raise ValueError(f"{where}={path!r}: {what} (its config says the sizes)")
     return load_checkpoint(path)["config"]["model"]
 
 

@@ -167,10 +167,13 @@ def test_default_recipe_and_config_errors():
     for message, term in bad.items():
         with pytest.raises(ValueError, match=message.replace("loss: ", r"conaclip\[0\].loss=")):
             DistillConfig.from_cfg({"loss": "conaclip", "teacher": {"arch": "blip_feature_extractor"}, "conaclip": [term]})
+    # the teacher's kind is checked when the objective is built (the model's from_config)
+    from lavis_cprd.distill.objective import DistillObjective
+
     with pytest.raises(ValueError, match=r"is a dual-encoder teacher, but this loss needs a cross-encoder"):
-        DistillConfig.from_cfg({"loss": "cprd", "teacher": {"arch": "clip_feature_extractor"}})
+        DistillObjective(DistillConfig.from_cfg({"loss": "cprd", "teacher": {"arch": "clip_feature_extractor"}}))
     with pytest.raises(ValueError, match=r"needs a dual-encoder; available: \['blip_feature_extractor'"):
-        DistillConfig.from_cfg({"loss": "conaclip", "teacher": {"arch": "blip_image_text_matching"}})
+        DistillObjective(DistillConfig.from_cfg({"loss": "conaclip", "teacher": {"arch": "blip_image_text_matching"}}))
 
 
 # ------------------------------------------------------------------ dual-encoder teachers
@@ -286,7 +289,7 @@ def test_model_loss_is_itc_plus_the_graph_on_its_own_and_teacher_features(batch,
 def test_teacher_with_other_size_than_its_config_is_a_clear_error(batch):
     torch.manual_seed(4)
     m = CprdDualEncoder.from_config(conaclip_model_cfg(40))
-    m.teacher_embed_dim = 32  # as if the checkpoint held other sizes than the config said
+    m.objective.teacher_embed_dim = 32  # as if the checkpoint held other sizes than the config said
     with pytest.raises(ValueError, match="embeds in 40 dimensions, but its config said 32"):
         m(batch)
 

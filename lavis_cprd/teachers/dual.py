@@ -73,6 +73,7 @@ class BlipFeatureTeacher(_BlipShapedTeacher):
 
 
 WHERE = "model.distill.teacher.checkpoint"  # the key that names a cprd_dual_encoder teacher
+WHAT = "a cprd_dual_encoder teacher is a trained checkpoint written by LAVIS's runner"
 
 
 @register_teacher("cprd_dual_encoder")
@@ -82,12 +83,13 @@ class CprdDualTeacher(_BlipShapedTeacher):
 
     @classmethod
     def embed_dim_of(cls, cfg) -> int:
-        return int(stored_model_config(cfg.get("checkpoint", None), WHERE).get("embed_dim", 256))
+        return int(stored_model_config(cfg.get("checkpoint", None), WHERE, WHAT).get("embed_dim", 256))
 
     @classmethod
     def from_config(cls, cfg, tokenizer_path: Optional[str] = None) -> "CprdDualTeacher":
         overrides = {"distill": {"loss": "none"}}  # a teacher never distils
-        if tokenizer_path and not stored_model_config(cfg.get("checkpoint", None), WHERE).get("tokenizer_path"):
+        stored = stored_model_config(cfg.get("checkpoint", None), WHERE, WHAT)  # a clear error for a missing file
+        if tokenizer_path and not stored.get("tokenizer_path"):
             overrides["tokenizer_path"] = tokenizer_path
         model = model_from_checkpoint(cfg.get("checkpoint", None), where=WHERE, **overrides)
         return cls(model, precision=cfg.get("precision", "fp32"), batch_size=cfg.get("batch_size", 128))
