@@ -225,3 +225,23 @@ def test_score_statistics_equal_direct_teacher_scoring(compare_run):
     for group, stats in direct.items():
         assert results["score_distributions"]["cprd"][group]["teacher_mean"] == pytest.approx(stats["summary"]["teacher_mean"], abs=1e-5)
     assert results["kendall_tau"]["cprd"] == pytest.approx(kendall_tau_on_hard_negatives(teacher, images, dataset, i2t, k=8), abs=1e-6)
+
+
+def test_run_order_puts_readers_after_every_run_that_cannot_wait():
+    """The headline plan's order: kl of each seed first (they record), then every run that reads
+    no recorded scores, then the readers seed by seed; so with two workers no reader waits on a
+    recorder that is still running while other work is left."""
+    from lavis_cprd.apps import compare
+    from lavis_cprd.apps.demo import HEADLINE
+
+    args = compare.parse_args(list(HEADLINE))
+    todo = [(n, s, o) for s in args.seeds for n, _, o in compare.plan(args)]
+    recorders = compare.score_recorders(args, todo)
+    assert recorders == {0: "kl", 1: "kl", 2: "kl"}
+    order = [(n, s) for n, s, _ in sorted(todo, key=lambda j: compare.run_order(j, recorders, args.seeds))]
+    assert order[:3] == [("kl", 0), ("kl", 1), ("kl", 2)]
+    readers = {"listmle_full", "cprd", "loopitr", "margin_mse"}
+    first_reader = next(i for i, (n, _) in enumerate(order) if n in readers)
+    assert {n for n, _ in order[3:first_reader]} == {"none", "cprd_oracle", "conaclip"}
+    assert [s for n, s in order[first_reader:]] == sorted(s for n, s in order[first_reader:])
+    assert compare.score_recorders(compare.parse_args([*HEADLINE, "--no-shared-scores"]), todo) == {}

@@ -127,15 +127,25 @@ def score_recorders(args, todo: List[Tuple[str, int, List[str]]]) -> Dict[int, s
     return recorders
 
 
+def run_order(job: Tuple[str, int, List[str]], recorders: Dict[int, str], seeds: List[int]) -> Tuple[int, int, bool]:
+    """Sort key of a run: the recorders first (the longest runs: no long run is left alone at
+    the end), then the runs that read no recorded scores, then the readers seed by seed, so a
+    worker picks a reader only once its recorder has (nearly always) finished; all-pair runs
+    first within each group."""
+    name, seed, options = job
+    if recorders.get(seed) == name:
+        return (0, 0, False)
+    reads = seed in recorders and _reads_trained_teacher(options)
+    return (1, 1 + seeds.index(seed) if reads else 0, get_loss(_loss_of(options)).candidates != "all")
+
+
 def train_students(args, out: str, teacher_ckpt: str, runs: List[Tuple[str, str, List[str]]]) -> Dict[str, Dict[int, str]]:
     """Every (run, seed) of the plan trained (or reused) into ``out/NAME_seedS``, ``args.jobs``
     at a time; returns ``{name: {seed: checkpoint}}`` in plan order. The teacher's scores are
     shared within a seed (``score_recorders``): a reading run waits for its recorder."""
     todo = [(name, seed, options) for seed in args.seeds for name, _, options in runs]
     recorders = score_recorders(args, todo)
-    # Recorders first (their readers wait for them), then the other all-pair runs, the longest:
-    # no long run is left alone at the end.
-    todo.sort(key=lambda job: (recorders.get(job[1]) != job[0], get_loss(_loss_of(job[2])).candidates != "all"))
+    todo.sort(key=lambda job: run_order(job, recorders, args.seeds))
     threads = None if args.jobs == 1 else max(1, torch.get_num_threads() // args.jobs)
     recording: Dict[int, object] = {}  # seed -> the recorder's future
 
