@@ -25,13 +25,26 @@ def test_list_prints_every_registered_entry_with_its_description(capsys):
     assert set(sections["datasets"]) == {"cprd_shapes"} and set(sections["tasks (run.task)"]) == {"cprd_retrieval"}
 
 
-def test_help_lists_the_commands_with_descriptions(capsys):
-    with pytest.raises(SystemExit) as done:
-        cli.main(["--help"])
-    assert done.value.code == 0
-    out = capsys.readouterr().out
+def test_help_lists_the_commands_with_descriptions_without_importing_lavis():
+    """``lavis-cprd --help`` (``lavis_cprd_cli``) imports neither LAVIS nor the package: it
+    answers at once, where importing LAVIS takes seconds."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lavis_cprd_cli\n"
+            "try:\n    lavis_cprd_cli.main(['--help'])\n"
+            "except SystemExit as e:\n    print('exit', e.code)\n"
+            "print('imported:', sorted(m for m in ('lavis', 'lavis_cprd', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert "exit 0" in out and "imported: []" in out, out
     for name, (_, description) in cli.COMMANDS.items():
         assert f"  {name}" in out and description in out
+
+
+def test_unknown_command_lists_the_choices(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--help"])
+    assert done.value.code == 0 and "commands:" in capsys.readouterr().out
     with pytest.raises(SystemExit) as done:
         cli.main(["trian"])
     assert done.value.code == 2 and "unknown command 'trian'" in capsys.readouterr().err
