@@ -157,3 +157,58 @@ def test_bad_data_is_skipped_and_counted(case, tmp_path, caplog):
     assert "skipping" in caplog.text and "(skip_bad: true)" in caplog.text
     sample = splits["train"][len(splits["train"]) - 1]  # the rebuilt split loads like LAVIS's own
     assert sample["image"].shape == (3, 48, 48) and sample["text_input"]
+
+
+# ------------------------------------------------------------- annotation structure
+def no_image_id(root, anns):
+    del anns["train"][5]["image_id"]
+
+
+def string_val_caption(root, anns):
+    anns["val"][2]["caption"] = anns["val"][2]["caption"][0]  # a string, not a list
+
+
+@pytest.mark.parametrize("edit,message,skipped", [
+    (no_image_id, r"annotations.train: .*train.json: 1 of 24 entries are malformed: entry 5: no 'image_id' field", (1, 0)),
+    (string_val_caption, r"annotations.val: .*val.json: 1 of 4 entries are malformed: entry 2: 'caption' is a string; "
+                         r"an evaluation entry holds a list of captions", (0, 1)),
+])
+def test_malformed_entries_name_the_entry_and_field_or_are_skipped_and_counted(edit, message, skipped, tmp_path, caplog):
+    with pytest.raises(ValueError, match=message + r".*set datasets.flickr30k.skip_bad: true"):
+        build_splits(tmp_path / "bad", edit)
+    clean = build_splits(tmp_path / "clean", lambda root, anns: None)
+    with caplog.at_level("WARNING"):
+        splits = build_splits(tmp_path / "skip", edit, **{"datasets.flickr30k.skip_bad": True})
+    assert "skipping 1 of" in caplog.text and "malformed entries (skip_bad: true)" in caplog.text
+    assert (len(clean["train"]) - len(splits["train"]), len(clean["val"]) - len(splits["val"])) == skipped
+    assert all(isinstance(c, str) and len(c) > 1 for c in splits["val"].text)  # no caption split into characters
+
+
+def _build_with_file(tmp_path, text):
+    import json as _json
+
+    import lavis.tasks as tasks
+
+    from conftest import experiment_yaml, write_retrieval_dataset
+    from lavis_cprd.training.launch import load_config
+
+    root = str(tmp_path / "data")
+    splits = write_retrieval_dataset(root, n_train=4, n_val=2, n_test=2)
+    with open(splits["val"], "w") as f:
+        f.write(text(_json.load(open(splits["train"]))))
+    cfg = load_config(type("Args", (), {"cfg_path": experiment_yaml(tmp_path / "x.yaml", root, splits, tmp_path / "o"),
+                                        "options": []})())
+    return tasks.setup_task(cfg).build_datasets(cfg)
+
+
+def test_malformed_json_names_the_file_line_and_column(tmp_path):
+    with pytest.raises(ValueError, match=r"annotations.val: .*val.json is not valid JSON: Expecting ':' delimiter "
+                                         r"at line 2, column 12"):
+        _build_with_file(tmp_path, lambda train: '[{"image": "a.png",\n "caption" ["x"]}]')
+
+
+def test_a_list_wrapped_in_an_object_is_a_clear_error(tmp_path):
+    import json as _json
+
+    with pytest.raises(ValueError, match=r"val.json holds a JSON object \(keys \['annotations'\]\); LAVIS expects a list"):
+        _build_with_file(tmp_path, lambda train: _json.dumps({"annotations": train}))

@@ -142,3 +142,60 @@ def check_split(name: str, split: str, dataset, skip_bad: bool, only_unknown=Non
     with open(path, "w") as f:
         f.write(blob)
     return type(dataset)(dataset.vis_processor, dataset.text_processor, dataset.vis_root, [path])
+
+
+def _entry_problem(entry, training: bool) -> Optional[str]:
+    """What is wrong with one annotation entry's structure (LAVIS's retrieval format: training
+    ``{image, caption: str, image_id}``, evaluation ``{image, caption: [str, ...]}``), or None."""
+    if not isinstance(entry, dict):
+        return f"an entry must be an object {{'image': ..., 'caption': ...}}, got {type(entry).__name__}"
+    for key in ("image", "caption") + (("image_id",) if training else ()):
+        if key not in entry:
+            return f"no {key!r} field (it has {sorted(entry)})"
+    if not isinstance(entry["image"], str):
+        return f"'image' must be a path string, got {type(entry['image']).__name__}"
+    caption = entry["caption"]
+    if training and not isinstance(caption, str):
+        return f"'caption' must be one string in a training split, got {type(caption).__name__}"
+    if not training:
+        if isinstance(caption, str):
+            return "'caption' is a string; an evaluation entry holds a list of captions (LAVIS would read each character as one)"
+        if not isinstance(caption, list) or not all(isinstance(c, str) for c in caption):
+            return f"'caption' must be a list of strings, got {type(caption).__name__}"
+    return None
+
+
+def check_annotation_file(path: str, split: str, where: str, skip_bad: bool, work_dir: str) -> Optional[str]:
+    """Before LAVIS reads an annotation file: valid JSON (else the file, line and column), a
+    list of entries, each of the split's structure (else the entry and the field). Bad entries
+    are an error, or with ``skip_bad`` left out with a warning and a count: the path of the
+    filtered copy is returned (None when nothing was left out)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    if isinstance(data, dict):
+        raise ValueError(f"{where}: {path} holds a JSON object (keys {sorted(data)[:SHOW]}); LAVIS expects a list of "
+                         "entries, e.g. [{\"image\": ..., \"caption\": ...}, ...]")
+    if not isinstance(data, list):
+        raise ValueError(f"{where}: {path} holds a JSON {type(data).__name__}; LAVIS expects a list of entries")
+    training = split == "train"
+    bad = [(n, p) for n, p in ((n, _entry_problem(e, training)) for n, e in enumerate(data)) if p]
+    if not bad:
+        return None
+    shown = "; ".join(f"entry {n}: {p}" for n, p in bad[:SHOW])
+    if not skip_bad:
+        raise ValueError(f"{where}: {path}: {len(bad)} of {len(data)} entries are malformed: {shown} "
+                         f"(fix them, or set {where.split('.build_info')[0]}.skip_bad: true to leave them out)")
+    logging.warning("%s: skipping %d of %d malformed entries (skip_bad: true): %s", where, len(bad), len(data), shown)
+    dropped = {n for n, _ in bad}
+    kept = [e for n, e in enumerate(data) if n not in dropped]
+    if not kept:
+        raise ValueError(f"{where}: {path}: every entry is malformed ({shown})")
+    os.makedirs(work_dir, exist_ok=True)
+    blob = json.dumps(kept, sort_keys=True)
+    out = os.path.join(work_dir, f"{split}_{hashlib.sha1(blob.encode()).hexdigest()[:12]}.json")
+    with open(out, "w") as f:
+        f.write(blob)
+    return out

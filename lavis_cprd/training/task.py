@@ -18,7 +18,7 @@ from omegaconf import open_dict
 
 from lavis_cprd.checkpoints import atomic_write
 from lavis_cprd.training import lavis_patches
-from lavis_cprd.datasets.checks import check_split, unknown_only_checker
+from lavis_cprd.datasets.checks import check_annotation_file, check_split, unknown_only_checker
 from lavis_cprd.datasets.coco_eccv import CONFIG_KEY as COCO_CAPTIONS_KEY
 from lavis_cprd.datasets.coco_eccv import eccv_metrics, resolve_captions_path, tag_coco_ids
 from lavis_cprd.relevance import dataset_relevance, relevance_metrics
@@ -219,21 +219,31 @@ def _as_list(value) -> list:
 
 
 def check_annotation_files(name: str, dcfg) -> None:
-    """Fail before LAVIS tries to download: every local annotation file must exist."""
+    """Before LAVIS reads them: every local annotation file exists, is valid JSON and holds a
+    list of well-formed entries (``datasets.checks.check_annotation_file``). With
+    ``datasets.NAME.skip_bad: true`` malformed entries are left out (a filtered copy under the
+    cache root takes the file's place) instead of stopping."""
     annotations = dcfg.get("build_info", {}).get("annotations", {})
+    skip_bad = bool(dcfg.get("skip_bad", False))
+    work_dir = os.path.join(registry.get_path("cache_root"), "lavis_cprd_filtered", name)
     for split, info in annotations.items():
+        where = f"datasets.{name}.build_info.annotations.{split}"
         urls, storages = _as_list(info.get("url")), _as_list(info.get("storage"))
         for i, storage in enumerate(storages):
             path = storage if os.path.isabs(storage) else get_cache_path(storage)
-            if os.path.isfile(path):
-                continue
             url = urls[i] if i < len(urls) else None
-            if url and (is_url(url) or os.path.isfile(url)):
-                continue  # LAVIS downloads or copies it
-            raise FileNotFoundError(
-                f"datasets.{name}.build_info.annotations.{split}: annotation file {path!r} does not exist"
-                + (f" (and url {url!r} is neither a URL nor a file)" if url else "")
-            )
+            source = path if os.path.isfile(path) else url if url and not is_url(url) and os.path.isfile(url) else None
+            if source is None and url and is_url(url):
+                continue  # LAVIS downloads it
+            if source is None:
+                raise FileNotFoundError(
+                    f"{where}: annotation file {path!r} does not exist"
+                    + (f" (and url {url!r} is neither a URL nor a file)" if url else "")
+                )
+            filtered = check_annotation_file(source, split, where, skip_bad, work_dir)
+            if filtered is not None:  # LAVIS reads the filtered copy (it copies url only to a missing storage)
+                with open_dict(info):
+                    info.storage = [filtered if j == i else s for j, s in enumerate(_as_list(info.get("storage")))]
 
 
 def _dump_json(obj, path: str) -> None:
