@@ -1,4 +1,6 @@
 """Numerical safety: a non-finite loss stops training naming its term, or skips the step."""
+import os
+
 import pytest
 import torch
 from lavis.common.optims import LinearWarmupCosineLRScheduler
@@ -212,3 +214,25 @@ def test_a_list_wrapped_in_an_object_is_a_clear_error(tmp_path):
 
     with pytest.raises(ValueError, match=r"val.json holds a JSON object \(keys \['annotations'\]\); LAVIS expects a list"):
         _build_with_file(tmp_path, lambda train: _json.dumps({"annotations": train}))
+
+
+# ----------------------------------------------------------- weights never silently random
+def test_evaluate_and_index_refuse_random_weights_unless_asked(tmp_path, capsys):
+    """Without a checkpoint (and a config naming no weights) ``evaluate`` and ``index`` stop and
+    say how to give one; ``--random-init`` is the explicit way out, and its weights are seeded,
+    so an index and the searches over it see the same model."""
+    from conftest import REPO
+    from lavis_cprd.apps import evaluate, serving
+
+    cfg = os.path.join(REPO, "configs", "cprd_tiny_shapes.yaml")
+    with pytest.raises(SystemExit) as done:
+        evaluate.main(["--cfg-path", cfg])
+    assert done.value.code == 2 and "give --ckpt PATH" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        serving.index_main(["--cfg-path", cfg, "--images", str(tmp_path), "--output", str(tmp_path / "i")])
+    assert done.value.code == 2 and "or --random-init" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="--ckpt 'nope.pth' does not exist"):
+        serving.load_student(cfg, "nope.pth")
+    a, _ = serving.load_student(cfg, None)
+    b, _ = serving.load_student(cfg, None)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

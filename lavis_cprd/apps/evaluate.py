@@ -17,7 +17,11 @@ from lavis_cprd.training.launch import build_runner, make_parser, shutdown_distr
 def main(argv: Optional[List[str]] = None) -> dict:
     parser = make_parser("Evaluate a lavis-cprd model on the config's test splits.")
     parser.add_argument("--ckpt", default=None, help="checkpoint written by training (checkpoint_best.pth).")
+    parser.add_argument("--random-init", action="store_true", help="evaluate randomly initialised weights (plumbing only)")
     args = parser.parse_args(argv)
+    if args.ckpt is None and not args.random_init and not _config_names_weights(args):
+        parser.error("the model would be randomly initialised: give --ckpt PATH (a trained checkpoint), set "
+                     "model.pretrained or model.finetuned (with model.load_finetuned) in the config, or pass --random-init")
     if args.ckpt is not None:
         if not os.path.isfile(args.ckpt):
             raise FileNotFoundError(f"--ckpt {args.ckpt!r} does not exist")
@@ -34,6 +38,17 @@ def main(argv: Optional[List[str]] = None) -> dict:
     finally:
         shutdown_distributed(completed)
     return results
+
+
+def _config_names_weights(args) -> bool:
+    """Whether the config itself loads weights: ``model.finetuned`` with ``load_finetuned``,
+    ``model.pretrained``, or a CLIP student's ``model.clip.pretrained``."""
+    from lavis_cprd.training.launch import load_config
+
+    model = load_config(args).model_cfg
+    clip = model.get("clip", None)
+    return bool((model.get("load_finetuned", False) and model.get("finetuned")) or model.get("pretrained")
+                or (clip is not None and clip.get("pretrained", "openai")))
 
 
 if __name__ == "__main__":

@@ -91,8 +91,12 @@ def load_student(cfg_path: str, ckpt: Optional[str], options: Sequence[str] = ()
     from lavis_cprd.training.launch import load_config
 
     cfg = load_config(argparse.Namespace(cfg_path=cfg_path, options=list(options)))
+    if not ckpt:  # --random-init: the same random weights in index and every search
+        torch.manual_seed(0)
     model = tasks.setup_task(cfg).build_model(cfg)
     if ckpt:
+        if not os.path.isfile(ckpt):
+            raise FileNotFoundError(f"--ckpt {ckpt!r} does not exist")
         model.load_checkpoint(ckpt)
     model.eval()
     vis = None
@@ -169,6 +173,8 @@ def index_main(argv: Optional[List[str]] = None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg-path", required=True, help="the student's experiment YAML.")
     parser.add_argument("--ckpt", default=None, help="trained student checkpoint (checkpoint_best.pth).")
+    parser.add_argument("--random-init", action="store_true", help="index with randomly initialised weights "
+                        "(seeded: search uses the same ones), for plumbing only")
     parser.add_argument("--options", nargs="+", default=[], help="config overrides key=value.")
     parser.add_argument("--images", required=True, help="folder of images (searched recursively).")
     parser.add_argument("--output", required=True, help="index folder to write.")
@@ -176,6 +182,8 @@ def index_main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--nlist", type=int, default=0, help="ivf cells (default ~sqrt(N)).")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
+    if args.ckpt is None and not args.random_init:
+        parser.error("give --ckpt PATH (a trained student), or --random-init to index with random weights (plumbing only)")
     logging.basicConfig(level=logging.INFO)
     model, processor = load_student(args.cfg_path, args.ckpt, args.options)
     paths = list_images(args.images)
