@@ -136,12 +136,18 @@ def check_split(name: str, split: str, dataset, skip_bad: bool, only_unknown=Non
     )
     if not kept:
         raise ValueError(f"{where}: every entry is bad ({_summary(items, captions)})")
+    path = write_filtered(kept, work_dir, f"{name}_{split}")
+    return type(dataset)(dataset.vis_processor, dataset.text_processor, dataset.vis_root, [path])
+
+
+def write_filtered(kept: list, work_dir: str, prefix: str) -> str:
+    """The entries left after skipping bad ones, as an annotation file named by its content."""
     os.makedirs(work_dir, exist_ok=True)
     blob = json.dumps(kept, sort_keys=True)
-    path = os.path.join(work_dir, f"{name}_{split}_{hashlib.sha1(blob.encode()).hexdigest()[:12]}.json")
+    path = os.path.join(work_dir, f"{prefix}_{hashlib.sha1(blob.encode()).hexdigest()[:12]}.json")
     with open(path, "w") as f:
         f.write(blob)
-    return type(dataset)(dataset.vis_processor, dataset.text_processor, dataset.vis_root, [path])
+    return path
 
 
 def _entry_problem(entry, training: bool) -> Optional[str]:
@@ -193,9 +199,4 @@ def check_annotation_file(path: str, split: str, where: str, skip_bad: bool, wor
     kept = [e for n, e in enumerate(data) if n not in dropped]
     if not kept:
         raise ValueError(f"{where}: {path}: every entry is malformed ({shown})")
-    os.makedirs(work_dir, exist_ok=True)
-    blob = json.dumps(kept, sort_keys=True)
-    out = os.path.join(work_dir, f"{split}_{hashlib.sha1(blob.encode()).hexdigest()[:12]}.json")
-    with open(out, "w") as f:
-        f.write(blob)
-    return out
+    return write_filtered(kept, work_dir, split)
