@@ -121,14 +121,16 @@ def stored_model_config(path: str, where: str = "checkpoint",
     return load_checkpoint(path)["config"]["model"]
 
 
-def model_from_checkpoint(path: str, device: Optional[torch.device] = None, where: str = "checkpoint", **overrides):
+def model_from_checkpoint(path: str, device: Optional[torch.device] = None, where: str = "checkpoint",
+                          stored: Optional[Dict[str, Any]] = None, **overrides):
     """The model a LAVIS runner checkpoint holds, rebuilt by its registry name from the config
-    stored with it and loaded with its weights (``overrides``: model config keys to replace,
-    e.g. ``distill={"loss": "none"}``). In eval mode, on ``device`` when given."""
+    stored with it (``stored``, when the caller has read it already) and loaded with its weights
+    (``overrides``: model config keys to replace, e.g. ``distill={"loss": "none"}``). In eval
+    mode, on ``device`` when given."""
     from lavis.common.registry import registry
     from omegaconf import OmegaConf
 
-    mcfg = OmegaConf.create(stored_model_config(path, where))
+    mcfg = OmegaConf.create(stored if stored is not None else stored_model_config(path, where))
     mcfg.load_finetuned, mcfg.finetuned, mcfg.pretrained = True, path, None
     mcfg.pop("text_pretrained", None)  # the weights come from the checkpoint
     for key, value in overrides.items():
@@ -137,20 +139,28 @@ def model_from_checkpoint(path: str, device: Optional[torch.device] = None, wher
     return (model if device is None else model.to(device)).eval()
 
 
+def configured_weights(cfg) -> Optional[str]:
+    """Which weights a model config loads by LAVIS's rule (``load_checkpoint_from_config``):
+    ``"finetuned"`` (``load_finetuned`` with a ``finetuned`` checkpoint; empty: none),
+    ``"pretrained"`` (no ``load_finetuned``, a ``pretrained`` one), or None."""
+    if cfg.get("load_finetuned", False):
+        return "finetuned" if cfg.get("finetuned") else None
+    return "pretrained" if cfg.get("pretrained") else None
+
+
 def load_weights(model, cfg, name: str, local_pretrained_as_checkpoint: bool = False) -> Optional[str]:
     """LAVIS's rule (``load_checkpoint_from_config``), the one place our models apply it:
     with ``load_finetuned``, the ``finetuned`` checkpoint (empty: none); else ``pretrained``;
     else nothing, said in the log. ``local_pretrained_as_checkpoint``: a local ``pretrained``
     file loads as a runner checkpoint (``BlipBase.load_from_pretrained`` expects BLIP's
     momentum keys, which LAVIS runner checkpoints never hold). Returns what was loaded."""
-    if cfg.get("load_finetuned", False) and cfg.get("finetuned"):
+    which = configured_weights(cfg)
+    if which == "finetuned":
         model.load_checkpoint(cfg.finetuned)
-        return "finetuned"
-    if not cfg.get("load_finetuned", False) and cfg.get("pretrained"):
-        if local_pretrained_as_checkpoint and os.path.isfile(cfg.pretrained):
-            model.load_checkpoint(cfg.pretrained)
-        else:
-            model.load_from_pretrained(cfg.pretrained)
-        return "pretrained"
-    logging.info("%s: no checkpoint configured, weights are randomly initialised", name)
-    return None
+    elif which == "pretrained" and local_pretrained_as_checkpoint and os.path.isfile(cfg.pretrained):
+        model.load_checkpoint(cfg.pretrained)
+    elif which == "pretrained":
+        model.load_from_pretrained(cfg.pretrained)
+    else:
+        logging.info("%s: no checkpoint configured, weights are randomly initialised", name)
+    return which

@@ -40,7 +40,6 @@ for arch in ("cprd_dual_encoder", "cprd_clip_dual_encoder"):
             continue
         torch.manual_seed(1)
         model = cls.from_config(cfg)
-        size = getattr(getattr(model, "visual_encoder", None), "patch_embed", None)
         img = images
         if arch == "cprd_clip_dual_encoder":
             from torch.nn.functional import interpolate

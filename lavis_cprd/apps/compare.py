@@ -153,17 +153,17 @@ def train_students(args, out: str, teacher_ckpt: str, runs: List[Tuple[str, str,
         return os.path.join(out, f"{recorders[seed]}_seed{seed}", "teacher_scores")
 
     def one(n: int, name: str, seed: int, options: List[str]) -> str:
-        shared = []
+        shared = None  # the distill key that shares this seed's teacher scores, if any
         if recorders.get(seed) == name:
-            shared = [f"model.distill.teacher_record={scores_of(seed)}"]
+            shared = "teacher_record"
         elif seed in recorders and _reads_trained_teacher(options):
             recording[seed].result()  # queued before this run: never waits on a run not yet started
             if os.path.isfile(os.path.join(scores_of(seed), "manifest.json")):  # absent if reused from before recording
-                shared = [f"model.distill.teacher_cache={scores_of(seed)}"]
-        log.info("[%d/%d] %s, seed %d%s", n, len(todo), name, seed,
-                 f" ({shared[0].split('.', 2)[2].split('=')[0]})" if shared else "")
+                shared = "teacher_cache"
+        log.info("[%d/%d] %s, seed %d%s", n, len(todo), name, seed, f" ({shared})" if shared else "")
         opts = [*args.options, *args.student_options, *options, f"run.seed={seed}",
-                f"model.distill.teacher.checkpoint={teacher_ckpt}", *shared]
+                f"model.distill.teacher.checkpoint={teacher_ckpt}",
+                *([f"model.distill.{shared}={scores_of(seed)}"] if shared else [])]
         return train_run(args.student_cfg, opts, os.path.join(out, f"{name}_seed{seed}"), threads)
 
     eval_split(args.student_cfg, [*args.options, *args.student_options])  # data generated once, before runs side by side

@@ -41,14 +41,14 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
 
 def _config_names_weights(args) -> bool:
-    """Whether the config itself loads weights: ``model.finetuned`` with ``load_finetuned``,
-    ``model.pretrained``, or a CLIP student's ``model.clip.pretrained``."""
+    """Whether the config itself loads weights (``checkpoints.configured_weights``), or a CLIP
+    student's ``model.clip.pretrained``."""
+    from lavis_cprd.checkpoints import configured_weights
     from lavis_cprd.training.launch import load_config
 
     model = load_config(args).model_cfg
     clip = model.get("clip", None)
-    return bool((model.get("load_finetuned", False) and model.get("finetuned")) or model.get("pretrained")
-                or (clip is not None and clip.get("pretrained", "openai")))
+    return configured_weights(model) is not None or bool(clip is not None and clip.get("pretrained", "openai"))
 
 
 if __name__ == "__main__":

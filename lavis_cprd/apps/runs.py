@@ -20,7 +20,6 @@ import time
 from argparse import Namespace
 from typing import Optional, Sequence
 
-import torch
 from omegaconf import OmegaConf
 
 from lavis_cprd.checkpoints import atomic_write, export_half, load_checkpoint, model_from_checkpoint
@@ -86,9 +85,8 @@ def eval_split(cfg_path: str, options: Sequence[str], split: str = "test"):
     return datasets[split], cfg
 
 
-def load_trained(checkpoint: str, device: torch.device):
-    """A model rebuilt from a LAVIS runner checkpoint (its stored config + weights)."""
-    return model_from_checkpoint(checkpoint, device)
+# A model rebuilt from a LAVIS runner checkpoint (its stored config + weights), on a device.
+load_trained = model_from_checkpoint
 
 
 def ensure_teacher(args: argparse.Namespace, out: str) -> str:

@@ -11,7 +11,6 @@ from omegaconf import OmegaConf
 from lavis_cprd.distill.config import DistillConfig
 from lavis_cprd.distill.objective import DistillObjective, Step
 from lavis_cprd.losses import conaclip_loss, positive_mask
-from lavis_cprd.teachers import teacher_class
 
 
 class ConaclipObjective(DistillObjective):
@@ -21,7 +20,7 @@ class ConaclipObjective(DistillObjective):
 
     def __init__(self, cfg: DistillConfig, tokenizer_path: Optional[str] = None):
         super().__init__(cfg, tokenizer_path)
-        self.teacher_embed_dim = teacher_class(self.teacher_arch, "dual").embed_dim_of(OmegaConf.create(cfg.teacher))
+        self.teacher_embed_dim = self.teacher_cls.embed_dim_of(OmegaConf.create(cfg.teacher))
 
     def loss(self, step: Step, student) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """ConaCLIP's graph loss on this rank's batch (DDP averages the ranks' gradients)."""

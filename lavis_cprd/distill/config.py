@@ -138,7 +138,7 @@ class DistillConfig:
     # pairs it holds, the teacher scores only the rest (cross-encoder losses).
     teacher_cache: Optional[str] = None
     # A folder this run writes every teacher logit it computes to, in teacher_cache's format,
-    # at the end of each epoch: a later run that draws the same batches (same seed, data and
+    # at the end of its last epoch: a later run that draws the same batches (same seed, data and
     # batch size) with the same teacher reads it as its teacher_cache and scores nothing twice.
     teacher_record: Optional[str] = None
 

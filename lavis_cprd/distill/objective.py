@@ -48,8 +48,12 @@ class DistillObjective:
     def __init__(self, cfg: DistillConfig, tokenizer_path: Optional[str] = None):
         self.cfg = cfg
         self.tokenizer_path = tokenizer_path
-        if get_loss(cfg.loss).teacher is not None:  # fails at model build, listing the adapters of this kind
-            teacher_class(self.teacher_arch, cfg.teacher_kind)
+        self.spec = get_loss(cfg.loss)  # the registry entry of cfg.loss
+        self.teacher_cls = None
+        if self.spec.teacher is not None:  # fails at model build, listing the adapters of this kind
+            self.teacher_cls = teacher_class(self.teacher_arch, cfg.teacher_kind)
+        if self.spec.teacher == "cross" and self.spec.per_query is None:
+            raise ValueError(f"model.distill.loss={cfg.loss!r} is registered without a per-query function")
         self._teacher: Optional[FrozenTeacher] = None
         self._cache: Optional[TeacherScoreCache] = None
         self._record = TeacherScoreRecord() if cfg.teacher_record else None
@@ -57,11 +61,6 @@ class DistillObjective:
         # the cache, and the share of queries with a distillation term.
         self.cache_hit_rate: Optional[torch.Tensor] = None
         self.contributing_share: Optional[torch.Tensor] = None
-
-    @property
-    def spec(self):
-        """The registry entry of ``cfg.loss``."""
-        return get_loss(self.cfg.loss)
 
     @property
     def teacher_arch(self) -> str:
@@ -112,7 +111,7 @@ class DistillObjective:
 
     def save_teacher_record(self) -> None:
         """``distill.teacher_record``: write the teacher logits computed so far (every rank
-        calls this; the task does at each epoch's end)."""
+        calls this; the task does at the end of the last epoch)."""
         if self._record is not None:
             n = self._record.save(self.cfg.teacher_record, {"teacher": dict(self.cfg.teacher)})
             logging.info("teacher record %s: %d pairs", self.cfg.teacher_record, n)
@@ -178,8 +177,6 @@ class DistillObjective:
     def _direction(self, d: Direction) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One direction's loss, reduced over all ranks' contributing (or all) queries, the mask
         of the negatives it used (for CPRD: the valid ones) and the share of contributing queries."""
-        if self.spec.per_query is None:  # an entry registered without a per-query function
-            raise ValueError(f"model.distill.loss={self.cfg.loss!r} has no per-query implementation")
         per_query, contributes, used = self.spec.per_query(d, self.cfg)
         # Normalise by the count over all ranks so that DDP's gradient average equals the
         # single-process mean over contributing (distill.normalize: all = every) queries.

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lavis.common.registry import registry
 from lavis.models.clip_models.model import CLIP
 
-from lavis_cprd.checkpoints import load_weights
+from lavis_cprd.checkpoints import configured_weights, load_weights
 from lavis_cprd.distill.config import DistillConfig
 from lavis_cprd.models.student import DistillingStudent
 from lavis_cprd.towers import build_lavis_clip
@@ -78,7 +78,7 @@ class CprdClipDualEncoder(DistillingStudent):
             distill=DistillConfig.from_cfg(cfg.get("distill", None)),
             tokenizer_path=cfg.get("tokenizer_path", None),
         )
-        if (cfg.get("load_finetuned", False) and cfg.get("finetuned")) or not clip_cfg.get("pretrained", "openai"):
+        if configured_weights(cfg) == "finetuned" or not clip_cfg.get("pretrained", "openai"):
             load_weights(model, cfg, "cprd_clip_dual_encoder")  # fine-tuned weights, or says the towers are random
         model.compile_encoders(cfg.get("compile", False))
         return model

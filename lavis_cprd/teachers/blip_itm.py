@@ -51,11 +51,6 @@ def blip_model_config(model_cls, arch: str, cfg):
     return mcfg
 
 
-def load_teacher_weights(model, mcfg) -> None:
-    """LAVIS's rule (``checkpoints.load_weights``): an empty ``checkpoint`` means random init."""
-    load_weights(model, mcfg, f"teacher {mcfg.get('arch', type(model).__name__)}")
-
-
 @register_teacher("blip_image_text_matching")
 class BlipITMTeacher(CrossEncoderTeacher):
     """Scores pairs with BLIP's cross-encoder: ``softmax(itm_head(text_encoder(T, I)))[:, 1]``.
@@ -99,7 +94,7 @@ class BlipITMTeacher(CrossEncoderTeacher):
         image_encoder = build_vision_encoder(mcfg)
         text_encoder = build_text_encoder(mcfg, cross_attention=True, encoder_width=image_encoder.vision_width)
         model = cls._build(mcfg, image_encoder, text_encoder, mcfg.get("tokenizer_path", None) or tokenizer_path)
-        load_teacher_weights(model, mcfg)
+        load_weights(model, mcfg, f"teacher {cls.arch}")  # an empty checkpoint: random init
         return cls(model, precision=cfg.get("precision", "fp32"), batch_size=cfg.get("batch_size", 128))
 
     @classmethod

@@ -19,9 +19,9 @@ from lavis_cprd.towers import (
     clip_embed_dim,
     clip_image_size,
 )
-from lavis_cprd.checkpoints import model_from_checkpoint, stored_model_config
+from lavis_cprd.checkpoints import load_weights, model_from_checkpoint, stored_model_config
 from lavis_cprd.teachers.base import DualEncoderTeacher, match_resolution
-from lavis_cprd.teachers.blip_itm import blip_model_config, load_teacher_weights
+from lavis_cprd.teachers.blip_itm import blip_model_config
 from lavis_cprd.teachers.registry import register_teacher
 from lavis_cprd.tokenization import with_local_tokenizer
 
@@ -68,7 +68,7 @@ class BlipFeatureTeacher(_BlipShapedTeacher):
             embed_dim=int(mcfg.get("embed_dim", 256)),
             max_txt_len=int(mcfg.get("max_txt_len", 40)),
         )
-        load_teacher_weights(model, mcfg)
+        load_weights(model, mcfg, f"teacher {mcfg.get('arch', type(model).__name__)}")  # an empty checkpoint: random init
         return cls(model, precision=cfg.get("precision", "fp32"), batch_size=cfg.get("batch_size", 128))
 
 
@@ -91,7 +91,7 @@ class CprdDualTeacher(_BlipShapedTeacher):
         stored = stored_model_config(cfg.get("checkpoint", None), WHERE, WHAT)  # a clear error for a missing file
         if tokenizer_path and not stored.get("tokenizer_path"):
             overrides["tokenizer_path"] = tokenizer_path
-        model = model_from_checkpoint(cfg.get("checkpoint", None), where=WHERE, **overrides)
+        model = model_from_checkpoint(cfg.get("checkpoint", None), where=WHERE, stored=stored, **overrides)
         return cls(model, precision=cfg.get("precision", "fp32"), batch_size=cfg.get("batch_size", 128))
 
 

@@ -135,11 +135,9 @@ def skippable_steps(optimizer, skip: Callable[[], bool]) -> Iterator[None]:
         optimizer.step = step
 
 
-def set_cache_root(path: str) -> str:
+def set_cache_root(path: str) -> None:
     """LAVIS's cache root (datasets, downloads), as an absolute path."""
-    path = os.path.abspath(os.path.expanduser(path))
-    registry.mapping["paths"]["cache_root"] = path
-    return path
+    registry.mapping["paths"]["cache_root"] = os.path.abspath(os.path.expanduser(path))
 
 
 def set_output_dir(path: str) -> None:

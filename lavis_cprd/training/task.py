@@ -168,7 +168,8 @@ class CprdRetrievalTask(RetrievalTask):
             stats["skipped_nonfinite_steps"] = str(self.skipped_steps)
         for term, values in self._epoch_terms.items():
             stats[term] = "{:.4f}".format(sum(values) / len(values))
-        if hasattr(unwrapped, "save_teacher_record"):  # distill.teacher_record, once an epoch
+        last = self.cfg is not None and epoch == int(self.cfg.get("max_epoch", 0)) - 1
+        if last and hasattr(unwrapped, "save_teacher_record"):  # distill.teacher_record, when training ends
             unwrapped.save_teacher_record()
         logging.info("Epoch means: %s", {k: stats[k] for k in self._epoch_terms})
         return stats
@@ -232,18 +233,22 @@ def check_annotation_files(name: str, dcfg) -> None:
         for i, storage in enumerate(storages):
             path = storage if os.path.isabs(storage) else get_cache_path(storage)
             url = urls[i] if i < len(urls) else None
-            source = path if os.path.isfile(path) else url if url and not is_url(url) and os.path.isfile(url) else None
-            if source is None and url and is_url(url):
+            if os.path.isfile(path):
+                source = path
+            elif url and is_url(url):
                 continue  # LAVIS downloads it
-            if source is None:
+            elif url and os.path.isfile(url):
+                source = url  # LAVIS copies it to the storage path
+            else:
                 raise FileNotFoundError(
                     f"{where}: annotation file {path!r} does not exist"
                     + (f" (and url {url!r} is neither a URL nor a file)" if url else "")
                 )
             filtered = check_annotation_file(source, split, where, skip_bad, work_dir)
             if filtered is not None:  # LAVIS reads the filtered copy (it copies url only to a missing storage)
+                storages[i] = filtered
                 with open_dict(info):
-                    info.storage = [filtered if j == i else s for j, s in enumerate(_as_list(info.get("storage")))]
+                    info.storage = list(storages)
 
 
 def _dump_json(obj, path: str) -> None:
