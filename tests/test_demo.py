@@ -10,11 +10,12 @@ from PIL import Image
 
 from conftest import REPO
 
-MICRO = [
-    "--options", "datasets.cprd_shapes.generator.num_train=48", "datasets.cprd_shapes.generator.num_val=12",
+DATA = [  # every run, teachers included
+    "datasets.cprd_shapes.generator.num_train=48", "datasets.cprd_shapes.generator.num_val=12",
     "datasets.cprd_shapes.generator.num_test=12", "run.max_epoch=1", "run.batch_size_train=16", "run.k_test=8",
-    "model.distill.num_hard_negatives=3", "model.distill.start_epoch=0",  # one epoch: distil from the start
 ]
+STUDENT = ["model.distill.num_hard_negatives=3", "model.distill.start_epoch=0"]  # one epoch: distil from the start
+MICRO = ["--options", *DATA, "--student-options", *STUDENT]
 
 
 REDUCED = ["--methods", "none", "cprd", "kl", "--oracle", "cprd", "--retrain-teacher"]  # the headline plan, fewer peers

@@ -17,6 +17,7 @@ from typing import List, Optional
 
 from omegaconf import OmegaConf
 
+from lavis_cprd.checkpoints import load_state
 from lavis_cprd.training.launch import load_config, setup_seeds
 from lavis_cprd.distill.teacher_cache import build_teacher_cache
 from lavis_cprd.distributed import resolve_device
@@ -74,7 +75,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         encoder_desc = OmegaConf.to_container(encoder_cfg)
     else:
         if args.encoder_ckpt:
-            model.load_checkpoint(args.encoder_ckpt)
+            load_state(model, args.encoder_ckpt, "--encoder-ckpt")
         model = model.to(device).eval()
         encode_images, encode_texts = model.encode_image, lambda caps: model.encode_captions(caps, device)
         encoder_desc = {"arch": cfg.model_cfg.arch, "checkpoint": args.encoder_ckpt}

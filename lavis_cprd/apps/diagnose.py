@@ -27,15 +27,19 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from lavis_cprd.errors import existing_file
+
 log = logging.getLogger("lavis_cprd.apps.diagnose")
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="lavis-cprd diagnose", description=__doc__.split("\n\n")[0])
     p.add_argument("--cfg-path", required=True, help="experiment config (student, teacher, dataset)")
-    p.add_argument("--ckpt", default=None, help="student checkpoint (a LAVIS runner checkpoint_*.pth)")
+    p.add_argument("--ckpt", default=None, type=existing_file("--ckpt"),
+                   help="student checkpoint (a LAVIS runner checkpoint_*.pth)")
     p.add_argument("--random-init", action="store_true", help="diagnose a freshly initialised student (no --ckpt)")
-    p.add_argument("--teacher-ckpt", default=None, help="teacher checkpoint (overrides model.distill.teacher.checkpoint)")
+    p.add_argument("--teacher-ckpt", default=None, type=existing_file("--teacher-ckpt"),
+                   help="teacher checkpoint (overrides model.distill.teacher.checkpoint)")
     p.add_argument("--batches", type=int, default=8, help="training batches to look at (default 8)")
     p.add_argument("--output", default="output/diagnose", help="output folder (default output/diagnose)")
     p.add_argument("--seed", type=int, default=0, help="batch sampling seed")

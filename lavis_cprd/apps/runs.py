@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 
 from omegaconf import OmegaConf
 
+from lavis_cprd.errors import existing_file
 from lavis_cprd.checkpoints import atomic_write, export_half, load_checkpoint, model_from_checkpoint
 from lavis_cprd.paths import ASSETS, EXPERIMENTS
 from lavis_cprd.training.launch import load_config
@@ -43,7 +44,8 @@ def common_parser(prog: str, description: str, default_output: str) -> argparse.
     p.add_argument("--teacher-cfg", default=TEACHER_CFG, help="teacher stage 2: BLIP ITC + ITM fine-tuning")
     p.add_argument("--student-cfg", default=STUDENT_CFG)
     teacher = p.add_mutually_exclusive_group()
-    teacher.add_argument("--teacher-ckpt", default=None, help="use this teacher checkpoint (default: the packaged one)")
+    teacher.add_argument("--teacher-ckpt", default=None, type=existing_file("--teacher-ckpt"),
+                         help="use this teacher checkpoint (default: the packaged one)")
     teacher.add_argument("--retrain-teacher", action="store_true", help="train the teacher by the two-stage recipe "
                    f"(--teacher-itc-cfg, --teacher-cfg) and use its fp16 export ({TEACHER_EXPORT}, the packaged "
                    "teacher's format), instead of the packaged one")

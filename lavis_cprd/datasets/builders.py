@@ -65,12 +65,7 @@ class ShapesBuilder(BaseDatasetBuilder):
     DATASET_CONFIG_DICT = {"default": os.path.join(DATASET_CONFIGS, "cprd_shapes.yaml")}
 
     def spec(self) -> ShapesSpec:
-        params = dict(self.config.get("generator", {}) or {})
-        valid = set(ShapesSpec.__dataclass_fields__)
-        unknown = sorted(set(params) - valid)
-        if unknown:
-            raise ValueError(f"unknown key(s) datasets.cprd_shapes.generator.{unknown}; valid keys: {sorted(valid)}")
-        return ShapesSpec(**params)
+        return ShapesSpec.from_config(self.config.get("generator", None))
 
     def build_datasets(self):
         spec = self.spec()

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Dict, List, Tuple
 
 from PIL import Image, ImageDraw
+from lavis_cprd.errors import suggest, unknown_keys
 
 COLORS: Dict[str, tuple] = {
     "red": (220, 40, 40),
@@ -56,10 +57,32 @@ class ShapesSpec:
     extra_train: int = 0
 
     def __post_init__(self):
+        where = "datasets.cprd_shapes.generator"
         if self.captions not in CAPTION_MODES:
-            raise ValueError(f"datasets.cprd_shapes.generator.captions: {self.captions!r}; choose from {list(CAPTION_MODES)}")
-        if self.extra_train < 0:
-            raise ValueError(f"datasets.cprd_shapes.generator.extra_train must be >= 0, got {self.extra_train}")
+            raise ValueError(f"{where}.captions={self.captions!r} is not one of {list(CAPTION_MODES)}"
+                             f"{suggest(self.captions, CAPTION_MODES)}")
+        # the smallest values the generator works with (a family needs a few images; the
+        # ITC and retrieval metrics need more than one image per split)
+        lows = {"num_train": 2, "num_val": 2, "num_test": 2, "captions_per_image": 1, "image_size": 16,
+                "family_size": 1, "extra_train": 0}
+        for key, low in lows.items():
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{where}.{key} must be an integer, got {value!r}")
+            if value < low:
+                raise ValueError(f"{where}.{key}={value!r} is out of range: it must be in [{low}, inf)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"{where}.seed must be an integer, got {self.seed!r}")
+
+    @classmethod
+    def from_config(cls, params) -> "ShapesSpec":
+        """``datasets.cprd_shapes.generator`` (a mapping; null: the defaults)."""
+        params = dict(params or {})
+        valid = list(cls.__dataclass_fields__)
+        unknown = sorted(set(params) - set(valid))
+        if unknown:
+            raise ValueError(unknown_keys("datasets.cprd_shapes.generator", unknown, valid))
+        return cls(**params)
 
     @property
     def key(self) -> str:

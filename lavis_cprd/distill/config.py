@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from lavis_cprd.distill.registry import get_loss
+from lavis_cprd.errors import suggest, unknown_keys
 
 MINING_SCOPES = ("gathered", "local")
 NORMALIZATIONS = ("contributing", "all")
@@ -57,14 +58,19 @@ class ConaclipTerm:
         known = {"loss", "edge", "mirror", "weight", "temp"}
         unknown = sorted(set(raw) - known)
         if unknown:
-            raise ValueError(f"unknown key(s) {where}.{unknown}; valid keys: {sorted(known)}")
+            raise ValueError(unknown_keys(where, unknown, sorted(known)))
         loss = raw.get("loss")
         if loss not in CONACLIP_LOSSES:
             raise ValueError(f"{where}.loss={loss!r} is not one of {list(CONACLIP_LOSSES)}")
         edge = _parse_edge(raw.get("edge"), f"{where}.edge")
         mirror = _parse_edge(raw["mirror"], f"{where}.mirror") if raw.get("mirror") else (edge[1], edge[0])
-        term = cls(loss, edge, mirror if loss.startswith("sym") else None, float(raw.get("weight", 1.0)),
-                   float(raw.get("temp", 0.07)))
+        numbers = {}
+        for key, default in (("weight", 1.0), ("temp", 0.07)):
+            value = raw.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{where}.{key} must be a number, got {value!r}")
+            numbers[key] = float(value)
+        term = cls(loss, edge, mirror if loss.startswith("sym") else None, numbers["weight"], numbers["temp"])
         (a, b) = edge
         if loss == "infonce" and a == b:
             raise ValueError(f"{where}: infonce needs two different nodes, got edge {a}-{b}")
@@ -91,6 +97,25 @@ def parse_temperature(value) -> Any:
     return t
 
 
+def _number(key: str, value, low=None, high=None, integer: bool = False, open_low: bool = False):
+    """``model.distill.<key>`` as an int or float in its range, or an error saying what it accepts."""
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise ValueError(f"model.distill.{key} must be {kind}, got {value!r}")
+    value = int(value) if integer else float(value)
+    if value != value or (low is not None and (value <= low if open_low else value < low)) or (
+            high is not None and value > high):
+        bounds = f"{'(' if open_low else '['}{low}, {'inf)' if high is None else f'{high}]'}"
+        raise ValueError(f"model.distill.{key}={value!r} is out of range: it must be in {bounds}")
+    return value
+
+
+def _mapping(value, where: str) -> Dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be a mapping (loss, edge, ...), got {value!r}")
+    return dict(value)
+
+
 def _parse_edge(value, where: str) -> Tuple[str, str]:
     nodes = tuple(str(value).split("-")) if value is not None else ()
     if len(nodes) != 2 or any(n not in CONACLIP_NODES for n in nodes):
@@ -98,6 +123,18 @@ def _parse_edge(value, where: str) -> Tuple[str, str]:
     if not any(n.startswith("S") for n in nodes):
         raise ValueError(f"{where}={value!r} joins two teacher nodes: nothing to train")
     return nodes  # type: ignore[return-value]
+
+
+# The numeric fields of model.distill: (low, high, integer, open_low), inclusive bounds unless
+# open_low. valid_threshold is a match probability: above 1 no negative is ever valid (the
+# CPRD term is 0 on every step).
+RANGES: Dict[str, Tuple[Any, Any, bool, bool]] = {
+    "weight": (0.0, None, False, False),
+    "num_hard_negatives": (1, None, True, False),
+    "valid_threshold": (0.0, 1.0, False, False),
+    "start_epoch": (0, None, True, False),
+    "teacher_temp": (0.0, None, False, True),
+}
 
 
 @dataclass
@@ -147,42 +184,41 @@ class DistillConfig:
         if cfg is None:
             return cls()
         raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(raw) - set(known))
         if unknown:
-            raise ValueError(f"unknown key(s) model.distill.{unknown}; valid keys: {sorted(known)}")
+            raise ValueError(unknown_keys("model.distill", unknown, known))
         out = cls(**raw)
         out.validate()
         return out
 
     def validate(self) -> None:
+        """Types and ranges of every field, each error naming ``model.distill.<key>`` and what it accepts."""
         get_loss(self.loss)  # fails listing the registered losses
-        if int(self.num_hard_negatives) < 1:
-            raise ValueError(f"model.distill.num_hard_negatives must be >= 1, got {self.num_hard_negatives}")
-        self.num_hard_negatives = int(self.num_hard_negatives)
-        if int(self.start_epoch) < 0:
-            raise ValueError(f"model.distill.start_epoch must be >= 0, got {self.start_epoch}")
-        self.start_epoch = int(self.start_epoch)
-        if not isinstance(self.detach_temperature, bool):
-            raise ValueError(f"model.distill.detach_temperature must be true or false, got {self.detach_temperature!r}")
-        if float(self.teacher_temp) <= 0:
-            raise ValueError(f"model.distill.teacher_temp must be > 0, got {self.teacher_temp}")
-        self.teacher_temp = float(self.teacher_temp)
-        if self.mining_scope not in MINING_SCOPES:
-            raise ValueError(f"model.distill.mining_scope={self.mining_scope!r} is not one of {list(MINING_SCOPES)}")
+        for key, bounds in RANGES.items():
+            setattr(self, key, _number(key, getattr(self, key), *bounds))
+        for key in ("drop_above_positive", "detach_temperature"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"model.distill.{key} must be true or false, got {getattr(self, key)!r}")
+        for key, choices in (("mining_scope", MINING_SCOPES), ("normalize", NORMALIZATIONS)):
+            if getattr(self, key) not in choices:
+                raise ValueError(f"model.distill.{key}={getattr(self, key)!r} is not one of {list(choices)}"
+                                 f"{suggest(getattr(self, key), choices)}")
         self.temperature = parse_temperature(self.temperature)
-        if self.normalize not in NORMALIZATIONS:
-            raise ValueError(f"model.distill.normalize={self.normalize!r} is not one of {list(NORMALIZATIONS)}")
-        self.weight = float(self.weight)
-        self.valid_threshold = float(self.valid_threshold)
+        if not isinstance(self.teacher, dict):
+            raise ValueError(f"model.distill.teacher must be a mapping (arch, checkpoint, ...), got {self.teacher!r}")
         if not isinstance(self.conaclip, (list, tuple)) or not self.conaclip:
             raise ValueError("model.distill.conaclip must be a non-empty list of edge terms")
         self.conaclip = [
-            t if isinstance(t, ConaclipTerm) else ConaclipTerm.parse(dict(t), f"model.distill.conaclip[{i}]")
+            t if isinstance(t, ConaclipTerm) else ConaclipTerm.parse(_mapping(t, f"model.distill.conaclip[{i}]"),
+                                                                     f"model.distill.conaclip[{i}]")
             for i, t in enumerate(self.conaclip)
         ]
         for key in ("teacher_cache", "teacher_record"):
-            if getattr(self, key) and self.teacher_kind != "cross":
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"model.distill.{key} must be a folder path or null, got {value!r}")
+            if value and self.teacher_kind != "cross":
                 raise ValueError(
                     f"model.distill.{key} holds cross-encoder scores; loss={self.loss!r} uses a dual-encoder "
                     f"teacher's embeddings: set {key}: null"

@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from lavis_cprd.errors import suggest
 from lavis_cprd.losses import (
     cprd_loss_per_query,
     kl_distill_loss_per_query,
@@ -69,8 +70,8 @@ def list_losses() -> List[str]:
 
 
 def get_loss(name: str) -> DistillLoss:
-    if name not in _LOSSES:
-        raise ValueError(f"model.distill.loss={name!r} is not one of {list_losses()}")
+    if not isinstance(name, str) or name not in _LOSSES:
+        raise ValueError(f"model.distill.loss={name!r} is not one of {list_losses()}{suggest(name, list_losses())}")
     return _LOSSES[name]
 
 

@@ -22,6 +22,7 @@ from lavis_cprd.distill.config import DistillConfig
 from lavis_cprd.distill.conaclip import ConaclipObjective
 from lavis_cprd.distill.objective import DistillObjective, Step
 from lavis_cprd.losses import itc_loss, positive_mask
+from lavis_cprd.models.model_types import NamedModelTypes
 from lavis_cprd.models.retrieval import dual_encoder_sim_matrix
 from lavis_cprd.teachers import FrozenTeacher
 
@@ -39,7 +40,7 @@ class CprdOutput(ModelOutput):
     contributing_queries: Optional[torch.Tensor] = None
 
 
-class DistillingStudent(BlipBase):
+class DistillingStudent(NamedModelTypes, BlipBase):
     """A dual encoder trained with ITC plus the distillation objective of ``distill``."""
 
     # Methods ``model.compile`` replaces by compiled versions: pixels or token ids in, unit

@@ -8,6 +8,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from lavis_cprd.errors import suggest
+
+# Where a teacher's weights are configured (errors name it).
+TEACHER_CHECKPOINT_KEY = "model.distill.teacher.checkpoint"
 PRECISIONS: Dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -25,7 +29,8 @@ class FrozenTeacher(abc.ABC):
 
     def __init__(self, model: torch.nn.Module, precision: str = "fp32", batch_size: int = 128):
         if precision not in PRECISIONS:
-            raise ValueError(f"teacher precision={precision!r} is not one of {sorted(PRECISIONS)}")
+            raise ValueError(f"model.distill.teacher.precision={precision!r} is not one of {sorted(PRECISIONS)}"
+                             f"{suggest(precision, PRECISIONS)}")
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)

@@ -12,7 +12,7 @@ from lavis.models.eva_vit import VisionTransformer
 
 from lavis_cprd.towers import resize_bert
 from lavis_cprd.checkpoints import load_weights
-from lavis_cprd.teachers.base import CrossEncoderTeacher, chunks
+from lavis_cprd.teachers.base import TEACHER_CHECKPOINT_KEY, CrossEncoderTeacher, chunks
 from lavis_cprd.teachers.blip_itm import blip_model_config
 from lavis_cprd.teachers.registry import register_teacher
 from lavis_cprd.tokenization import load_bert_tokenizer
@@ -112,7 +112,8 @@ class Blip2ITMTeacher(CrossEncoderTeacher):
             embed_dim=int(mcfg.get("embed_dim", 256)),
             max_txt_len=int(mcfg.get("max_txt_len", 32)),
         )
-        load_weights(model, mcfg, f"teacher {mcfg.get('arch', type(model).__name__)}")  # an empty checkpoint: random init
+        load_weights(model, mcfg, f"teacher {mcfg.get('arch', type(model).__name__)}",
+                     key=TEACHER_CHECKPOINT_KEY, random_is_expected=False)  # "": random init, warned
         return cls(model, precision=cfg.get("precision", "fp32"), batch_size=cfg.get("batch_size", 128))
 
     @property

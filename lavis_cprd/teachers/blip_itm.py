@@ -8,9 +8,10 @@ import torch
 from lavis.models.blip_models.blip_image_text_matching import BlipITM
 from omegaconf import OmegaConf
 
-from lavis_cprd.checkpoints import load_weights
+from lavis_cprd.checkpoints import load_checkpoint, load_weights
+from lavis_cprd.errors import suggest
+from lavis_cprd.teachers.base import TEACHER_CHECKPOINT_KEY, CrossEncoderTeacher, chunks
 from lavis_cprd.towers import build_text_encoder, build_vision_encoder
-from lavis_cprd.teachers.base import CrossEncoderTeacher, chunks
 from lavis_cprd.teachers.registry import register_teacher
 from lavis_cprd.tokenization import with_local_tokenizer
 
@@ -27,7 +28,7 @@ def architecture_from_checkpoint(path: str) -> dict:
     """Tower sizes stored in a LAVIS runner checkpoint's ``config.model`` ({} if none/remote)."""
     if not os.path.isfile(path):
         return {}
-    stored = torch.load(path, map_location="cpu", weights_only=True).get("config", {}).get("model", {})
+    stored = load_checkpoint(path).get("config", {}).get("model", {})  # a damaged file: a clear error
     return {k: stored[k] for k in ARCHITECTURE_KEYS if k in stored}
 
 
@@ -38,9 +39,9 @@ def blip_model_config(model_cls, arch: str, cfg):
     random init."""
     model_type = cfg.get("model_type", "base")
     if model_type not in model_cls.PRETRAINED_MODEL_CONFIG_DICT:
-        raise ValueError(
-            f"teacher model_type={model_type!r} is not one of {sorted(model_cls.PRETRAINED_MODEL_CONFIG_DICT)} for {arch}"
-        )
+        types = sorted(model_cls.PRETRAINED_MODEL_CONFIG_DICT)
+        raise ValueError(f"model.distill.teacher.model_type={model_type!r} is not one of {types} for {arch}"
+                         f"{suggest(model_type, types)}")
     mcfg = OmegaConf.merge(OmegaConf.load(model_cls.default_config_path(model_type)).model, cfg.get("model", None) or {})
     checkpoint = cfg.get("checkpoint", None)
     if checkpoint:
@@ -94,7 +95,8 @@ class BlipITMTeacher(CrossEncoderTeacher):
         image_encoder = build_vision_encoder(mcfg)
         text_encoder = build_text_encoder(mcfg, cross_attention=True, encoder_width=image_encoder.vision_width)
         model = cls._build(mcfg, image_encoder, text_encoder, mcfg.get("tokenizer_path", None) or tokenizer_path)
-        load_weights(model, mcfg, f"teacher {cls.arch}")  # an empty checkpoint: random init
+        load_weights(model, mcfg, f"teacher {cls.arch}",
+                     key=TEACHER_CHECKPOINT_KEY, random_is_expected=False)  # "": random init, warned
         return cls(model, precision=cfg.get("precision", "fp32"), batch_size=cfg.get("batch_size", 128))
 
     @classmethod

@@ -20,7 +20,7 @@ from lavis_cprd.towers import (
     clip_image_size,
 )
 from lavis_cprd.checkpoints import load_weights, model_from_checkpoint, stored_model_config
-from lavis_cprd.teachers.base import DualEncoderTeacher, match_resolution
+from lavis_cprd.teachers.base import TEACHER_CHECKPOINT_KEY, DualEncoderTeacher, match_resolution
 from lavis_cprd.teachers.blip_itm import blip_model_config
 from lavis_cprd.teachers.registry import register_teacher
 from lavis_cprd.tokenization import with_local_tokenizer
@@ -68,7 +68,8 @@ class BlipFeatureTeacher(_BlipShapedTeacher):
             embed_dim=int(mcfg.get("embed_dim", 256)),
             max_txt_len=int(mcfg.get("max_txt_len", 40)),
         )
-        load_weights(model, mcfg, f"teacher {mcfg.get('arch', type(model).__name__)}")  # an empty checkpoint: random init
+        load_weights(model, mcfg, f"teacher {mcfg.get('arch', type(model).__name__)}",
+                     key=TEACHER_CHECKPOINT_KEY, random_is_expected=False)  # "": random init, warned
         return cls(model, precision=cfg.get("precision", "fp32"), batch_size=cfg.get("batch_size", 128))
 
 

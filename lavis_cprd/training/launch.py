@@ -21,10 +21,8 @@ from lavis.common.utils import now
 
 from lavis_cprd.checkpoints import find_resume_checkpoint
 from lavis_cprd.distributed import resolve_device
-from lavis_cprd.training import lavis_patches
-
-DEFAULT_RUNNER = "cprd_runner"
-
+from lavis_cprd.errors import ConfigError
+from lavis_cprd.training.schema import name_problems, prepare_config
 
 def make_parser(description: str, resume: bool = False) -> argparse.ArgumentParser:
     """LAVIS's train.py/evaluate.py arguments: ``--cfg-path`` and ``--options``."""
@@ -44,16 +42,26 @@ def make_parser(description: str, resume: bool = False) -> argparse.ArgumentPars
 
 
 def load_config(args: argparse.Namespace) -> Config:
+    """LAVIS's ``Config`` of ``--cfg-path`` and ``--options``, checked in full and prepared
+    (``schema.prepare_config``). What LAVIS's ``Config`` itself asserts on (the sections, the
+    model's arch, the dataset names) is checked first, with errors that name the key."""
     if not os.path.isfile(args.cfg_path):
         raise FileNotFoundError(f"--cfg-path {args.cfg_path!r} does not exist")
+    check_names(args.cfg_path, args.options)
     cfg = Config(args)
-    run = cfg.run_cfg
-    # LAVIS joins a relative output_dir onto its own package folder; users mean their cwd.
-    run.output_dir = os.path.abspath(os.path.expanduser(run.get("output_dir", "output")))
-    run.runner = run.get("runner", DEFAULT_RUNNER)
-    # LAVIS's default cache root is Salesforce's /export/home; make it the user's.
-    lavis_patches.set_cache_root(run.get("cache_root", None) or os.environ.get("LAVIS_CACHE_ROOT") or "~/.cache/lavis")
+    prepare_config(cfg, source=args.cfg_path)
     return cfg
+
+
+def check_names(cfg_path: str, options) -> None:
+    """``schema.name_problems`` of the experiment file with its ``--options``, before LAVIS's
+    ``Config`` looks the names up (and asserts)."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.merge(OmegaConf.load(cfg_path), OmegaConf.from_dotlist(list(options or [])))
+    problems = name_problems(OmegaConf.to_container(raw))
+    if problems:
+        raise ConfigError(problems, cfg_path)
 
 
 def init_distributed(run_cfg) -> None:

@@ -47,6 +47,9 @@ PATCHES = (
           "AdamW's moments and weight decay"),
     Patch("set_cache_root", 'registry.mapping["paths"]["cache_root"]',
           "LAVIS's default is Salesforce's /export/home; register_path refuses to change it once set"),
+    Patch("strict_image_loading", "PIL.ImageFile.LOAD_TRUNCATED_IMAGES",
+          "LAVIS's COCO caption module sets it process-wide on import: a truncated gallery image would be "
+          "indexed with its missing part grey, silently"),
     Patch("set_output_dir", 'registry.mapping["paths"]["output_dir"]',
           "_report_metrics appends to evaluate.txt there, and outside a runner nothing sets it"),
 )
@@ -60,6 +63,12 @@ OVERRIDES = {  # LAVIS 1.0.2 behaviour our subclasses replace, where they live
     "BlipRetrieval.from_config copies momentum encoders before weights load": "models/blip_retrieval.py: CprdBlipRetrieval",
     "LAVIS's autocast is CUDA fp16 only (bf16 on CPU is the task's)": "training/task.py: CprdRetrievalTask.train_step",
     "init_distributed_mode hard-codes CUDA and nccl; evaluate.py ignores run.runner": "training/launch.py",
+    "Config asserts (bare AssertionError) on an unknown model_type": "models/model_types.py: NamedModelTypes",
+    "Config validates nothing; a relative output_dir lands in LAVIS's package; device 'auto' is unknown to RunnerBase":
+        "training/schema.py: prepare_config (from launch.load_config and CprdRetrievalTask.setup_task)",
+    "BaseModel.load_checkpoint loads with strict=False (a wrong checkpoint leaves random weights)":
+        "checkpoints.py: load_state",
+    "No plugin mechanism: LAVIS's train.py/evaluate.py never import lavis_cprd": "lavis_cprd_hook.py (lavis_cprd.pth)",
     "VisionTransformerEncoder.from_config knows only base/large": "towers.py: build_vision_encoder",
 }
 
@@ -133,6 +142,19 @@ def skippable_steps(optimizer, skip: Callable[[], bool]) -> Iterator[None]:
         yield
     finally:
         optimizer.step = step
+
+
+@contextlib.contextmanager
+def strict_image_loading() -> Iterator[None]:
+    """PIL refuses truncated images (``OSError: image file is truncated``) in this block."""
+    from PIL import ImageFile
+
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
 
 
 def set_cache_root(path: str) -> None:

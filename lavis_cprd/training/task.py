@@ -1,10 +1,11 @@
 """``cprd_retrieval``: LAVIS's retrieval task, trained through the distilling model's forward."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import defaultdict
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import json
 
@@ -17,6 +18,8 @@ from lavis.tasks.retrieval import RetrievalTask
 from omegaconf import open_dict
 
 from lavis_cprd.checkpoints import atomic_write
+from lavis_cprd.training.schema import prepare_config
+from lavis_cprd.training.tensorboard import TrainingBoard
 from lavis_cprd.training import lavis_patches
 from lavis_cprd.datasets.checks import check_annotation_file, check_split, unknown_only_checker
 from lavis_cprd.datasets.coco_eccv import CONFIG_KEY as COCO_CAPTIONS_KEY
@@ -46,6 +49,8 @@ class CprdRetrievalTask(RetrievalTask):
         self.skipped_steps = 0
         self._skip_update = False
         self.autocast_dtype = autocast_dtype(cfg)
+        self.board = TrainingBoard(cfg.get("tensorboard", False) if cfg is not None else False)
+        self._optimizer = None  # this epoch's, for the learning rate TensorBoard shows
 
     @property
     def epoch_terms(self) -> Dict[str, List[float]]:
@@ -53,6 +58,13 @@ class CprdRetrievalTask(RetrievalTask):
         return dict(self._epoch_terms)
 
     # ----------------------------------------------------------------- building
+    @classmethod
+    def setup_task(cls, cfg, **kwargs):
+        """Where LAVIS's own ``train.py``/``evaluate.py`` hand over first: the config is checked
+        in full and prepared as in lavis-cprd's entry points (``schema.prepare_config``)."""
+        prepare_config(cfg, source=getattr(getattr(cfg, "args", None), "cfg_path", "config"))
+        return super().setup_task(cfg=cfg, **kwargs)
+
     def build_datasets(self, cfg):
         """LAVIS's builders, with every split checked for bad data (see ``datasets.checks``):
         ``datasets.NAME.skip_bad: true`` leaves bad entries out with a warning instead of
@@ -60,7 +72,8 @@ class CprdRetrievalTask(RetrievalTask):
         ``coco_captions``: COCO's ``captions_val2014.json``, for ECCV Caption / CxC metrics."""
         for name, dcfg in cfg.datasets_cfg.items():
             check_annotation_files(name, dcfg)
-        datasets = super().build_datasets(cfg)
+        with download_hints(cfg.datasets_cfg):
+            datasets = super().build_datasets(cfg)
         only_unknown = unknown_only_checker(_caption_tokenizer(cfg.model_cfg))
         for name, splits in datasets.items():
             dcfg = cfg.datasets_cfg[name]
@@ -85,6 +98,8 @@ class CprdRetrievalTask(RetrievalTask):
                 f"model.distill.num_hard_negatives (K={distill.num_hard_negatives}) must be smaller than "
                 f"the gathered batch size (run.batch_size_train x world size = {batch})"
             )
+        if distill is not None and distill.needs_teacher and not cfg.run_cfg.get("evaluate", False):
+            build_teacher_now(model)
         return model
 
     # --------------------------------------------------------------- evaluation
@@ -118,6 +133,9 @@ class CprdRetrievalTask(RetrievalTask):
                     metrics = json.load(f)
             metrics[f"{split_name}/{epoch}"] = val_result
             atomic_write(path, lambda tmp: _dump_json(metrics, tmp))
+            # the test split is evaluated at "best": after the last epoch on TensorBoard's axis
+            last = int(self.cfg.get("max_epoch", 1)) - 1 if self.cfg is not None else 0
+            self.board.evaluation(str(split_name), epoch if isinstance(epoch, int) else last + 1, val_result)
         return val_result
 
     # ----------------------------------------------------------------- training
@@ -131,10 +149,16 @@ class CprdRetrievalTask(RetrievalTask):
         if _any_rank(bool(bad)):  # every rank takes the same branch, or DDP would hang
             return self._nonfinite(model, samples, output, bad)
         self._skip_update = False
+        terms = {"loss": float(output["loss"].detach())}
         for term in _LOGGED_TERMS:
             value = output.get(term) if hasattr(output, "get") else None
             if value is not None:
-                self._epoch_terms[term].append(float(value.detach()))
+                terms[term] = float(value.detach())
+                self._epoch_terms[term].append(terms[term])
+        if self.board.enabled and "iters" in samples:
+            step = int(samples["epoch"]) * int(samples["num_iters_per_epoch"]) + int(samples["iters"])
+            lr = self._optimizer.param_groups[0]["lr"] if self._optimizer is not None else None
+            self.board.step(step, terms, lr)
         return output["loss"]
 
     def _nonfinite(self, model, samples, output, bad: List[str]):
@@ -158,7 +182,7 @@ class CprdRetrievalTask(RetrievalTask):
         if hasattr(unwrapped, "set_epoch"):
             unwrapped.set_epoch(epoch)
         self._epoch_terms.clear()
-        optimizer = kwargs.get("optimizer")
+        optimizer = self._optimizer = kwargs.get("optimizer")
         if optimizer is not None and int(kwargs.get("accum_grad_iters", 1)) == 1:
             with lavis_patches.skippable_steps(optimizer, lambda: self._skip_update):
                 stats = super().train_epoch(epoch=epoch, model=model, **kwargs)
@@ -172,6 +196,7 @@ class CprdRetrievalTask(RetrievalTask):
         if last and hasattr(unwrapped, "save_teacher_record"):  # distill.teacher_record, when training ends
             unwrapped.save_teacher_record()
         logging.info("Epoch means: %s", {k: stats[k] for k in self._epoch_terms})
+        self.board.flush()
         return stats
 
 
@@ -249,6 +274,38 @@ def check_annotation_files(name: str, dcfg) -> None:
                 storages[i] = filtered
                 with open_dict(info):
                     info.storage = list(storages)
+
+
+def build_teacher_now(model) -> None:
+    """Build the student's teacher before the first epoch, whatever ``distill.start_epoch``:
+    a missing or unreadable checkpoint, an unknown type or precision fail at start-up, not
+    when distillation starts (the objective would build it then)."""
+    try:
+        model.teacher  # noqa: B018  (the objective builds it on first access)
+    except (ValueError, OSError, RuntimeError) as e:  # same type, the teacher's config named
+        teacher = {k: model.distill.teacher.get(k) for k in ("arch", "checkpoint", "precision")}
+        raise type(e)(f"the teacher (model.distill.teacher: {teacher}) could not be built: {e}") from e
+
+
+@contextlib.contextmanager
+def download_hints(datasets_cfg) -> Iterator[None]:
+    """A dataset download that fails (offline, say) names what LAVIS tried to fetch and the
+    config keys that point it at local copies instead."""
+    try:
+        yield
+    except OSError as e:  # URLError, HTTPError, socket errors
+        wanted = []
+        for name, dcfg in datasets_cfg.items():
+            for split, info in dcfg.get("build_info", {}).get("annotations", {}).items():
+                for url in _as_list(info.get("url")):
+                    if is_url(str(url)):
+                        wanted.append(f"{url} (datasets.{name}.build_info.annotations.{split}.url)")
+        raise OSError(
+            f"a dataset download failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}. LAVIS downloads "
+            f"these annotation files when they are not at their storage path: {wanted or 'none found'}. Offline, "
+            "download them elsewhere and set datasets.NAME.build_info.annotations.SPLIT.url and .storage to the "
+            "local file (the same absolute path), and datasets.NAME.build_info.images.storage to the image folder"
+        ) from e
 
 
 def _dump_json(obj, path: str) -> None:
