@@ -136,6 +136,40 @@ def test_verified_itm_negatives_replace_blips_in_batch_ones():
         CprdBlipRetrieval.from_config(OmegaConf.create({**SIZES, "itm_negatives": "all"}))
 
 
+def test_graded_itm_targets_are_a_soft_cross_entropy_towards_graded_relevance():
+    """``itm_targets: graded``: positives keep target 1, each false caption's target is its
+    ``*_grade`` (skipped entries keep theirs out), in ``-(g log p1 + (1 - g) log p0)``."""
+    import pytest
+    import torch.nn.functional as F
+
+    torch.manual_seed(5)
+    model = CprdBlipRetrieval.from_config(OmegaConf.create(
+        {**SIZES, "queue_size": 8, "itm_negatives": "verified", "itm_targets": "graded"}))
+    model.eval()
+    images = torch.randn(2, 3, 48, 48)
+    captions = ["there is a red circle", "there is a small shape"]
+    samples = {"image": images, "text_input": captions, "image_id": torch.arange(2), "epoch": 0, "iters": 0,
+               "num_iters_per_epoch": 10,
+               "positive_text": ["there is a circle", "there is a small shape"],
+               "lookalike_text": ["there is a green circle", "there is a large shape"],
+               "lookalike_grade": torch.tensor([0.5, 0.75]),
+               "negative_text": ["there is a red square", "there is a small shape"],
+               "negative_grade": torch.tensor([0.6, 1.0]),
+               "random_negative_text": ["there is a blue triangle", "there is a green square"],
+               "random_negative_grade": torch.tensor([0.0, 0.25])}
+    out = model(samples)
+    itm = lambda idx, texts: BlipITM.forward(model, {"image": images[idx], "text_input": texts}, match_head="itm")
+    logits = torch.cat([itm([0, 1], captions), itm([0], samples["positive_text"][:1]),
+                        itm([0, 1], samples["lookalike_text"]), itm([0], samples["negative_text"][:1]),
+                        itm([0, 1], samples["random_negative_text"])])
+    g = torch.tensor([1.0, 1.0, 1.0, 0.5, 0.75, 0.6, 0.0, 0.25])
+    p1 = F.softmax(logits, dim=-1)[:, 1]
+    expected = -(g * torch.log(p1) + (1 - g) * torch.log(1 - p1)).mean()
+    torch.testing.assert_close(out.loss_itm, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="'graded' with itm_negatives: verified"):
+        CprdBlipRetrieval.from_config(OmegaConf.create({**SIZES, "itm_targets": "graded"}))
+
+
 def test_packaged_teacher_loads_in_the_itm_adapter_and_beats_a_random_one_on_val(tmp_path):
     """The cross-encoder shipped with the package (the demo's teacher) loads through the
     blip_image_text_matching adapter and ranks the val split (every pair, partial captions) far

@@ -28,7 +28,10 @@ class ShapesTrainDataset(RetrievalDataset):
       partial captions, an in-batch "negative" is often true of the image),
       ``random_negative_text``, the first false one (a random, mostly easy negative), and
       ``positive_text``, one of those captions that is true of the scene (another image's).
-    An unedited caption (no false one found) is marked by an equal string; the model skips it."""
+    An unedited caption (no false one found) is marked by an equal string; the model skips it.
+    Each false caption comes with its graded relevance to the scene (``lookalike_grade``,
+    ``negative_grade``, ``random_negative_grade``: the fraction of its facts that hold), which
+    ``cprd_blip_retrieval``'s ``itm_targets: graded`` trains towards."""
 
     lookalike_negatives = False
     verified_negatives = False
@@ -40,14 +43,17 @@ class ShapesTrainDataset(RetrievalDataset):
         if self.lookalike_negatives:
             text = lookalike_caption(ann["caption"], ann["scene"], random) or ann["caption"]
             sample["lookalike_text"] = self.text_processor(text)
+            sample["lookalike_grade"] = relevance(text, ann["scene"])
         if self.verified_negatives:
             draws = [a["caption"] for a in random.choices(self.annotation, k=self.NEGATIVE_DRAWS)]
             grades = [relevance(c, ann["scene"]) for c in draws]  # parsed once per draw, read three times
-            false = [c for c, rel in zip(draws, grades) if rel < 1.0]
+            false = [(c, rel) for c, rel in zip(draws, grades) if rel < 1.0]
             hardest = hard_false_caption(draws, ann["scene"], grades)
             positive = other_true_caption(draws, ann["scene"], ann["caption"], grades)
             sample["negative_text"] = self.text_processor(hardest or ann["caption"])
-            sample["random_negative_text"] = self.text_processor(false[0] if false else ann["caption"])
+            sample["negative_grade"] = max((rel for _, rel in false), default=1.0)
+            sample["random_negative_text"] = self.text_processor(false[0][0] if false else ann["caption"])
+            sample["random_negative_grade"] = false[0][1] if false else 1.0
             sample["positive_text"] = self.text_processor(positive or ann["caption"])
         return sample
 

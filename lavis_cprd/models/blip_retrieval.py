@@ -25,7 +25,11 @@ the generator verified true), the look-alikes, ``negative_text`` (a hard caption
 false) and ``random_negative_text`` (a random false one; all from
 ``datasets.cprd_shapes.verified_negatives``). LAVIS's ITC term is kept; ``lookalike_weight``
 applies to ``in_batch`` only. LAVIS's forward still scores its in-batch pairs (the result is
-unused), a cost left in to keep its code uncopied.
+unused), a cost left in to keep its code uncopied. ``itm_targets: graded`` (with ``verified``)
+trains the false captions' match probability towards their graded relevance to the image
+(the fraction of their facts that hold) instead of 0: a soft cross-entropy
+``-(g log p1 + (1 - g) log p0)``, so the teacher orders partly true captions by how much of
+them holds (issue 16's measured ranking target).
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ from lavis.common.registry import registry
 from lavis.models.blip_models.blip_retrieval import BlipRetrieval
 
 from lavis_cprd.checkpoints import load_weights
+from lavis_cprd.models.model_types import NamedModelTypes
 from lavis_cprd.towers import build_text_encoder, build_vision_encoder
 from lavis_cprd.paths import MODEL_CONFIGS
 from lavis_cprd.tokenization import with_local_tokenizer
@@ -45,7 +50,7 @@ from lavis_cprd.tokenization import with_local_tokenizer
 
 
 @registry.register_model("cprd_blip_retrieval")
-class CprdBlipRetrieval(BlipRetrieval):
+class CprdBlipRetrieval(NamedModelTypes, BlipRetrieval):
     """LAVIS's BLIP retrieval model (ITC + ITM) at any size, offline: trains tiny cross-encoder teachers.
 
     ``itm_negatives: verified`` replaces its in-batch ITM negatives by captions checked against the scene.
@@ -72,8 +77,12 @@ class CprdBlipRetrieval(BlipRetrieval):
         )
         model.lookalike_weight = float(cfg.get("lookalike_weight", 1.0))
         model.itm_negatives = str(cfg.get("itm_negatives", "in_batch"))
+        model.itm_targets = str(cfg.get("itm_targets", "hard"))
         if model.itm_negatives not in ("in_batch", "verified"):
             raise ValueError(f"model.itm_negatives must be 'in_batch' or 'verified', got {model.itm_negatives!r}")
+        if model.itm_targets not in ("hard", "graded") or (model.itm_targets == "graded" and model.itm_negatives != "verified"):
+            raise ValueError(f"model.itm_targets must be 'hard', or 'graded' with itm_negatives: verified; got "
+                             f"{model.itm_targets!r} with {model.itm_negatives!r}")
         if model.lookalike_weight < 0:
             raise ValueError(f"model.lookalike_weight must be >= 0, got {model.lookalike_weight}")
         load_weights(model, cfg, "cprd_blip_retrieval", local_pretrained_as_checkpoint=True)
@@ -103,6 +112,18 @@ class CprdBlipRetrieval(BlipRetrieval):
         return self._itm_logits(image_embeds[torch.tensor(keep, device=self.device)],
                                 [t for t, k in zip(samples[key], keep) if k])
 
+    def _targets(self, samples, key: str, label: int) -> torch.Tensor:
+        """Match targets of the kept pairs of ``samples[key]``: its label, or with graded targets
+        a false caption's graded relevance (``<key without _text>_grade``)."""
+        keep = [t != own for t, own in zip(samples[key], samples["text_input"])]
+        grade_key = key.replace("_text", "_grade")
+        if self.itm_targets != "graded" or label == 1:
+            return torch.full((sum(keep),), float(label), device=self.device)
+        if grade_key not in samples:
+            raise ValueError(f"model.itm_targets: graded needs train samples with {grade_key!r} (cprd_shapes)")
+        grades = torch.as_tensor(samples[grade_key], dtype=torch.float32, device=self.device).view(-1)
+        return grades[torch.tensor(keep, device=self.device)]
+
     def forward(self, samples):
         """BLIP's ITC + ITM (LAVIS), plus the look-alike ITM term when samples carry one; with
         ``itm_negatives: verified``, LAVIS's ITM term is replaced by one on the positives and the
@@ -116,14 +137,22 @@ class CprdBlipRetrieval(BlipRetrieval):
                 raise ValueError(f"model.itm_negatives: verified needs train samples with {missing}: set "
                                  "datasets.cprd_shapes.verified_negatives and lookalike_negatives to true")
             logits, labels = [output.intermediate_output.itm_logits[: len(samples["text_input"])]], [1]  # BLIP's positives
+            targets = [torch.ones(len(logits[0]), device=self.device)]
             for key, label in verified:
                 x = self._verified_logits(image_embeds, samples, key)
                 if x is not None:
                     logits.append(x)
                     labels.append(label)
-            labels = torch.cat([torch.full((len(x),), y, dtype=torch.long, device=self.device) for x, y in zip(logits, labels)])
+                    targets.append(self._targets(samples, key, label))
             logits = torch.cat(logits)
-            output.loss_itm = F.cross_entropy(logits, labels)
+            if self.itm_targets == "graded":  # soft cross-entropy towards graded relevance
+                target = torch.cat(targets)
+                log_p = F.log_softmax(logits.float(), dim=-1)
+                output.loss_itm = -(target * log_p[:, 1] + (1 - target) * log_p[:, 0]).mean()
+            else:
+                labels = torch.cat([torch.full((len(x),), y, dtype=torch.long, device=self.device)
+                                    for x, y in zip(logits.split([len(t) for t in targets]), labels)])
+                output.loss_itm = F.cross_entropy(logits, labels)
             output.loss = output.loss_itc + output.loss_itm
             return output
         if samples.get("lookalike_text") is None or self.lookalike_weight == 0:

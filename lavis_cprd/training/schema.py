@@ -240,7 +240,8 @@ MODELS: Dict[str, Dict[str, Key]] = {
     "cprd_blip_retrieval": {
         **LAVIS_MODEL, **TOWERS,
         "queue_size": count(0), "alpha": num(0, 1), "momentum": num(0, 1), "negative_all_rank": FLAG,
-        "itm_negatives": choice("in_batch", "verified"), "lookalike_weight": num(0),
+        "itm_negatives": choice("in_batch", "verified"), "itm_targets": choice("hard", "graded"),
+        "lookalike_weight": num(0),
     },
 }
 
