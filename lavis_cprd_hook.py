@@ -18,15 +18,21 @@ DISABLE = "LAVIS_CPRD_NO_HOOK"
 
 
 class _RegisterAfterLavis:
-    """A meta-path finder for ``lavis`` only: it finds LAVIS's own spec and wraps its loader."""
+    """A meta-path finder for ``lavis`` only: it finds LAVIS's own spec and wraps its loader.
+    A look-up that does not import (``importlib.util.find_spec("lavis")``) leaves it armed."""
+
+    looking = False
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "lavis":
+        if fullname != "lavis" or self.looking:
             return None
-        disarm()  # once; and the look-up below must not come back here
         import importlib.util
 
-        spec = importlib.util.find_spec("lavis")
+        self.looking = True  # the look-up below must not come back here
+        try:
+            spec = importlib.util.find_spec("lavis")
+        finally:
+            self.looking = False
         if spec is not None and spec.loader is not None:
             spec.loader = _ThenRegister(spec.loader)
         return spec
@@ -42,6 +48,7 @@ class _ThenRegister:
         return self.loader.create_module(spec)
 
     def exec_module(self, module):
+        disarm()  # lavis is being imported: once is enough
         module.__loader__ = module.__spec__.loader = self.loader
         self.loader.exec_module(module)
         try:

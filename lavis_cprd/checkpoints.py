@@ -197,11 +197,13 @@ def load_state(model: torch.nn.Module, path: str, where: str = "checkpoint", ini
 @contextlib.contextmanager
 def download_errors(url: str, key: str, what: str = "a local copy") -> Iterator[None]:
     """A failed download names the URL and the config key that can point at ``what`` instead."""
+    from lavis_cprd.errors import NETWORK_ERRORS
+
     try:
         yield
-    except OSError as e:  # URLError, HTTPError, socket errors, the hub's offline errors
+    except NETWORK_ERRORS as e:
         cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url.split("?")[0]))
-        raise OSError(
+        raise ConnectionError(
             f"could not download {url} ({key}): {str(e).splitlines()[0] if str(e) else type(e).__name__}. Offline? "
             f"Set {key} to {what} (a path), or put the file at {cached}, where LAVIS looks before downloading"
         ) from e

@@ -3,7 +3,13 @@ keys, and one exception that lists every problem of a config at once."""
 from __future__ import annotations
 
 import difflib
+import http.client
+import socket
+import urllib.error
 from typing import Sequence
+
+# What a download that cannot reach its server raises (a missing local file is not one).
+NETWORK_ERRORS = (urllib.error.URLError, ConnectionError, TimeoutError, socket.gaierror, http.client.HTTPException)
 
 
 class ConfigError(ValueError):

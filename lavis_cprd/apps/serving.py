@@ -267,7 +267,11 @@ class PartialIndex:
         from lavis_cprd.checkpoints import atomic_json, atomic_write
 
         os.makedirs(self.folder, exist_ok=True)
-        atomic_write(self._path(chunk, "npy"), lambda tmp: np.save(open(tmp, "wb"), embeddings))
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.save(f, embeddings)
+
+        atomic_write(self._path(chunk, "npy"), write)
         atomic_json({"kept": kept, "skipped": skipped}, self._path(chunk, "json"))
         atomic_json({"key": self.key, "chunks": chunk + 1}, self.progress_path)
 

@@ -51,7 +51,7 @@ class ShapesTrainDataset(RetrievalDataset):
             hardest = hard_false_caption(draws, ann["scene"], grades)
             positive = other_true_caption(draws, ann["scene"], ann["caption"], grades)
             sample["negative_text"] = self.text_processor(hardest or ann["caption"])
-            sample["negative_grade"] = max((rel for _, rel in false), default=1.0)
+            sample["negative_grade"] = grades[draws.index(hardest)] if hardest is not None else 1.0
             sample["random_negative_text"] = self.text_processor(false[0][0] if false else ann["caption"])
             sample["random_negative_grade"] = false[0][1] if false else 1.0
             sample["positive_text"] = self.text_processor(positive or ann["caption"])

@@ -205,6 +205,8 @@ class DistillConfig:
                 raise ValueError(f"model.distill.{key}={getattr(self, key)!r} is not one of {list(choices)}"
                                  f"{suggest(getattr(self, key), choices)}")
         self.temperature = parse_temperature(self.temperature)
+        if self.teacher is None:
+            self.teacher = {}
         if not isinstance(self.teacher, dict):
             raise ValueError(f"model.distill.teacher must be a mapping (arch, checkpoint, ...), got {self.teacher!r}")
         if not isinstance(self.conaclip, (list, tuple)) or not self.conaclip:

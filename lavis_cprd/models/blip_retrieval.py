@@ -103,26 +103,23 @@ class CprdBlipRetrieval(NamedModelTypes, BlipRetrieval):
                                    encoder_attention_mask=image_atts, return_dict=True).last_hidden_state[:, 0, :]
         return self.itm_head(hidden)
 
-    def _verified_logits(self, image_embeds: torch.Tensor, samples, key: str) -> "torch.Tensor | None":
+    def _verified(self, image_embeds: torch.Tensor, samples, key: str, label: int):
         """ITM logits on the verified captions ``samples[key]`` (false ones, or other true
-        ones); an entry equal to its own caption marks "none found" and is skipped."""
-        keep = [neg != own for neg, own in zip(samples[key], samples["text_input"])]
-        if not any(keep):
-            return None
-        return self._itm_logits(image_embeds[torch.tensor(keep, device=self.device)],
-                                [t for t, k in zip(samples[key], keep) if k])
-
-    def _targets(self, samples, key: str, label: int) -> torch.Tensor:
-        """Match targets of the kept pairs of ``samples[key]``: its label, or with graded targets
-        a false caption's graded relevance (``<key without _text>_grade``)."""
+        ones) and their targets: ``label``, or with graded targets a false caption's graded
+        relevance (``samples["<name>_grade"]``). An entry equal to its own caption marks "none
+        found" and is skipped; ``(None, None)`` when every entry is."""
         keep = [t != own for t, own in zip(samples[key], samples["text_input"])]
+        if not any(keep):
+            return None, None
+        kept = torch.tensor(keep, device=self.device)
+        logits = self._itm_logits(image_embeds[kept], [t for t, k in zip(samples[key], keep) if k])
         grade_key = key.replace("_text", "_grade")
         if self.itm_targets != "graded" or label == 1:
-            return torch.full((sum(keep),), float(label), device=self.device)
+            return logits, torch.full((len(logits),), float(label), device=self.device)
         if grade_key not in samples:
             raise ValueError(f"model.itm_targets: graded needs train samples with {grade_key!r} (cprd_shapes)")
         grades = torch.as_tensor(samples[grade_key], dtype=torch.float32, device=self.device).view(-1)
-        return grades[torch.tensor(keep, device=self.device)]
+        return logits, grades[kept]
 
     def forward(self, samples):
         """BLIP's ITC + ITM (LAVIS), plus the look-alike ITM term when samples carry one; with
@@ -136,28 +133,24 @@ class CprdBlipRetrieval(NamedModelTypes, BlipRetrieval):
             if missing:
                 raise ValueError(f"model.itm_negatives: verified needs train samples with {missing}: set "
                                  "datasets.cprd_shapes.verified_negatives and lookalike_negatives to true")
-            logits, labels = [output.intermediate_output.itm_logits[: len(samples["text_input"])]], [1]  # BLIP's positives
+            logits = [output.intermediate_output.itm_logits[: len(samples["text_input"])]]  # BLIP's positives
             targets = [torch.ones(len(logits[0]), device=self.device)]
             for key, label in verified:
-                x = self._verified_logits(image_embeds, samples, key)
+                x, target = self._verified(image_embeds, samples, key, label)
                 if x is not None:
                     logits.append(x)
-                    labels.append(label)
-                    targets.append(self._targets(samples, key, label))
-            logits = torch.cat(logits)
+                    targets.append(target)
+            logits, target = torch.cat(logits), torch.cat(targets)
             if self.itm_targets == "graded":  # soft cross-entropy towards graded relevance
-                target = torch.cat(targets)
                 log_p = F.log_softmax(logits.float(), dim=-1)
                 output.loss_itm = -(target * log_p[:, 1] + (1 - target) * log_p[:, 0]).mean()
             else:
-                labels = torch.cat([torch.full((len(x),), y, dtype=torch.long, device=self.device)
-                                    for x, y in zip(logits.split([len(t) for t in targets]), labels)])
-                output.loss_itm = F.cross_entropy(logits, labels)
+                output.loss_itm = F.cross_entropy(logits, target.long())
             output.loss = output.loss_itc + output.loss_itm
             return output
         if samples.get("lookalike_text") is None or self.lookalike_weight == 0:
             return output
-        logits = self._verified_logits(image_embeds, samples, "lookalike_text")
+        logits, _ = self._verified(image_embeds, samples, "lookalike_text", 0)
         if logits is None:
             return output
         loss_lookalike = F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=self.device))

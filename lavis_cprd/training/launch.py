@@ -58,7 +58,8 @@ def check_names(cfg_path: str, options) -> None:
     ``Config`` looks the names up (and asserts)."""
     from omegaconf import OmegaConf
 
-    raw = OmegaConf.merge(OmegaConf.load(cfg_path), OmegaConf.from_dotlist(list(options or [])))
+    dotlist = Config._convert_to_dot_list(None, list(options or []))  # LAVIS also takes "key value" pairs
+    raw = OmegaConf.merge(OmegaConf.load(cfg_path), OmegaConf.from_dotlist(dotlist))
     problems = name_problems(OmegaConf.to_container(raw))
     if problems:
         raise ConfigError(problems, cfg_path)

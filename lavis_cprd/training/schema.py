@@ -95,7 +95,7 @@ RUN: Dict[str, Key] = {
     "max_epoch": count(1),
     "init_lr": num(0, open_low=True),
     "min_lr": num(0),
-    "warmup_lr": num(0),
+    "warmup_lr": num(),  # LAVIS: -1 starts the warm-up at init_lr
     "warmup_steps": count(0),
     "lr_decay_rate": num(0, nullable=True),
     "weight_decay": num(0),
@@ -129,6 +129,9 @@ RUN: Dict[str, Key] = {
     "inference_method": TEXT,
     "prompt": TEXT,
     "report_metric": FLAG,
+    # read by LAVIS's other tasks (captioning, VQA, PNP-VQA project configs)
+    **{k: ANY for k in ("block_num", "cap_max_length", "cap_min_length", "internal_bsz_fid", "num_captions",
+                        "num_captions_fid", "num_patches", "repetition_penalty", "top_k", "top_p")},
     # lavis-cprd (training/runner.py, training/task.py, training/launch.py)
     "cache_root": PATH,
     "amp_dtype": choice("fp16", "bf16"),
@@ -174,12 +177,16 @@ LAVIS_MODEL: Dict[str, Key] = {
     "finetuned": PATH,
 }
 
-# LAVIS model-config keys a teacher's ``model:`` may override (BLIP, ALBEF, BLIP-2 towers).
+# Model-config keys a teacher's ``model:`` may override: it is merged onto LAVIS's default
+# config of the teacher's model, so every key LAVIS 1.0.2's default model configs hold (BLIP,
+# ALBEF, BLIP-2, ...), the towers' explicit sizes, and CLIP's explicit ``vision_cfg``/``text_cfg``.
 TEACHER_MODEL: Dict[str, Key] = {
+    **{k: ANY for k in (
+        "alpha", "drop_path_rate", "freeze_vit", "image_size", "len_tokenizer", "max_txt_len", "mlm_mask_prob",
+        "momentum", "negative_all_rank", "num_classes", "num_query_token", "prompt", "queue_size", "temp",
+        "use_distill", "use_grad_checkpoint", "vit_layer_norm_epsilon", "vit_model", "vit_precision",
+        "cross_attention_freq", "vit_mlp_ratio", "vision_cfg", "text_cfg", "quick_gelu")},
     **LAVIS_MODEL, **TOWERS,
-    "queue_size": count(0), "alpha": num(0, 1), "momentum": num(0, 1), "negative_all_rank": FLAG,
-    "vit_model": TEXT, "num_query_token": count(1), "cross_attention_freq": count(1), "vit_mlp_ratio": num(0, open_low=True),
-    "freeze_vit": FLAG, "vit_precision": TEXT, "drop_path_rate": num(0, 1), "use_grad_checkpoint": FLAG,
 }
 
 
@@ -212,9 +219,9 @@ def _distill(value, where: str) -> List[Problem]:
     raw = dict(value)
     teacher = raw.get("teacher")
     loss = raw.get("loss", "none")
-    kind = (get_loss(loss).teacher or "cross") if isinstance(loss, str) and loss in list_losses() else None
-    if teacher is not None:
-        problems += check_value(Key(dict, keys=_teacher_keys(kind)), teacher, f"{where}.teacher")
+    kind = get_loss(loss).teacher if isinstance(loss, str) and loss in list_losses() else "?"
+    if teacher is not None and kind is not None:  # a loss without a teacher never reads it
+        problems += check_value(Key(dict, keys=_teacher_keys(None if kind == "?" else kind)), teacher, f"{where}.teacher")
     try:
         DistillConfig.from_cfg(raw)
     except (ValueError, TypeError) as e:
@@ -489,7 +496,7 @@ def prepare_config(cfg, source: str = "config") -> None:
 
     validate_config(cfg.config, source)
     run = cfg.run_cfg
-    run.output_dir = os.path.abspath(os.path.expanduser(run.get("output_dir", None) or "output"))
+    run.output_dir = os.path.abspath(os.path.expanduser(run.get("output_dir", "output")))
     run.runner = run.get("runner", None) or DEFAULT_RUNNER
     if str(run.get("device", "auto")) == "auto":
         run.device = str(resolve_device("auto"))

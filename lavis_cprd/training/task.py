@@ -18,6 +18,7 @@ from lavis.tasks.retrieval import RetrievalTask
 from omegaconf import open_dict
 
 from lavis_cprd.checkpoints import atomic_write
+from lavis_cprd.errors import NETWORK_ERRORS
 from lavis_cprd.training.schema import prepare_config
 from lavis_cprd.training.tensorboard import TrainingBoard
 from lavis_cprd.training import lavis_patches
@@ -149,13 +150,14 @@ class CprdRetrievalTask(RetrievalTask):
         if _any_rank(bool(bad)):  # every rank takes the same branch, or DDP would hang
             return self._nonfinite(model, samples, output, bad)
         self._skip_update = False
-        terms = {"loss": float(output["loss"].detach())}
+        terms = {}
         for term in _LOGGED_TERMS:
             value = output.get(term) if hasattr(output, "get") else None
             if value is not None:
                 terms[term] = float(value.detach())
                 self._epoch_terms[term].append(terms[term])
         if self.board.enabled and "iters" in samples:
+            terms["loss"] = float(output["loss"].detach())
             step = int(samples["epoch"]) * int(samples["num_iters_per_epoch"]) + int(samples["iters"])
             lr = self._optimizer.param_groups[0]["lr"] if self._optimizer is not None else None
             self.board.step(step, terms, lr)
@@ -279,12 +281,25 @@ def check_annotation_files(name: str, dcfg) -> None:
 def build_teacher_now(model) -> None:
     """Build the student's teacher before the first epoch, whatever ``distill.start_epoch``:
     a missing or unreadable checkpoint, an unknown type or precision fail at start-up, not
-    when distillation starts (the objective would build it then)."""
+    when distillation starts (the objective would build it then). With a ``teacher_cache``
+    the teacher scores only the pairs the cache lacks (often none), so it stays lazy and only
+    its checkpoint file is checked here."""
+    teacher = model.distill.teacher
+    if model.distill.teacher_cache:
+        path = teacher.get("checkpoint")
+        if path and "://" not in str(path) and not os.path.isfile(path):
+            raise FileNotFoundError(f"model.distill.teacher.checkpoint={path!r} does not exist")
+        return
     try:
         model.teacher  # noqa: B018  (the objective builds it on first access)
-    except (ValueError, OSError, RuntimeError) as e:  # same type, the teacher's config named
-        teacher = {k: model.distill.teacher.get(k) for k in ("arch", "checkpoint", "precision")}
-        raise type(e)(f"the teacher (model.distill.teacher: {teacher}) could not be built: {e}") from e
+    except (ValueError, OSError, RuntimeError) as e:  # same type where it can be, the teacher named
+        named = {k: teacher.get(k) for k in ("arch", "checkpoint", "precision")}
+        message = f"the teacher (model.distill.teacher: {named}) could not be built: {e}"
+        try:
+            wrapped = type(e)(message)
+        except TypeError:  # an exception whose constructor takes other arguments
+            wrapped = RuntimeError(message)
+        raise wrapped from e
 
 
 @contextlib.contextmanager
@@ -293,14 +308,14 @@ def download_hints(datasets_cfg) -> Iterator[None]:
     config keys that point it at local copies instead."""
     try:
         yield
-    except OSError as e:  # URLError, HTTPError, socket errors
+    except NETWORK_ERRORS as e:
         wanted = []
         for name, dcfg in datasets_cfg.items():
             for split, info in dcfg.get("build_info", {}).get("annotations", {}).items():
                 for url in _as_list(info.get("url")):
                     if is_url(str(url)):
                         wanted.append(f"{url} (datasets.{name}.build_info.annotations.{split}.url)")
-        raise OSError(
+        raise ConnectionError(
             f"a dataset download failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}. LAVIS downloads "
             f"these annotation files when they are not at their storage path: {wanted or 'none found'}. Offline, "
             "download them elsewhere and set datasets.NAME.build_info.annotations.SPLIT.url and .storage to the "

@@ -6,6 +6,7 @@ evaluation's metrics per epoch, and the whole config once, as TensorBoard events
 """
 from __future__ import annotations
 
+import atexit
 import numbers
 import os
 from typing import Dict, Optional
@@ -20,17 +21,20 @@ class TrainingBoard:
     def __init__(self, enabled: bool):
         self.enabled = bool(enabled) and is_main_process()
         self._writer = None
-
-    @property
-    def writer(self):
-        if self._writer is None:
+        if self.enabled:  # a missing package fails at start-up, not at the first step
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise ImportError("run.tensorboard: true needs the tensorboard package: pip install tensorboard "
                                   "(or set run.tensorboard: false)") from e
+            self._writer_cls = SummaryWriter
+
+    @property
+    def writer(self):
+        if self._writer is None:
             folder = os.path.join(registry.get_path("output_dir"), "tensorboard")
-            self._writer = SummaryWriter(folder)
+            self._writer = self._writer_cls(folder)
+            atexit.register(self._writer.close)
             config = registry.get("configuration")  # LAVIS's Config registers itself
             if config is not None:
                 from omegaconf import OmegaConf
