@@ -197,14 +197,14 @@ def load_state(model: torch.nn.Module, path: str, where: str = "checkpoint", ini
 @contextlib.contextmanager
 def download_errors(url: str, key: str, what: str = "a local copy") -> Iterator[None]:
     """A failed download names the URL and the config key that can point at ``what`` instead."""
-    from lavis_cprd.errors import NETWORK_ERRORS
+    from lavis_cprd.errors import NETWORK_ERRORS, first_line
 
     try:
         yield
     except NETWORK_ERRORS as e:
         cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url.split("?")[0]))
         raise ConnectionError(
-            f"could not download {url} ({key}): {str(e).splitlines()[0] if str(e) else type(e).__name__}. Offline? "
+            f"could not download {url} ({key}): {first_line(e)}. Offline? "
             f"Set {key} to {what} (a path), or put the file at {cached}, where LAVIS looks before downloading"
         ) from e
 

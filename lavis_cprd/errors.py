@@ -21,6 +21,11 @@ class ConfigError(ValueError):
         super().__init__(f"{source}: {len(self.problems)} problem(s), nothing was started:\n{lines}")
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's first line, or its type's name when it says nothing."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 def suggest(key, valid: Sequence) -> str:
     """`` (did you mean 'x'?)`` for the closest of ``valid`` to ``key``, or ``""``."""
     close = difflib.get_close_matches(str(key), [str(v) for v in valid], n=3, cutoff=0.6)

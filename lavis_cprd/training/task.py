@@ -18,7 +18,7 @@ from lavis.tasks.retrieval import RetrievalTask
 from omegaconf import open_dict
 
 from lavis_cprd.checkpoints import atomic_write
-from lavis_cprd.errors import NETWORK_ERRORS
+from lavis_cprd.errors import NETWORK_ERRORS, first_line
 from lavis_cprd.training.schema import prepare_config
 from lavis_cprd.training.tensorboard import TrainingBoard
 from lavis_cprd.training import lavis_patches
@@ -287,7 +287,7 @@ def build_teacher_now(model) -> None:
     teacher = model.distill.teacher
     if model.distill.teacher_cache:
         path = teacher.get("checkpoint")
-        if path and "://" not in str(path) and not os.path.isfile(path):
+        if path and not is_url(str(path)) and not os.path.isfile(path):
             raise FileNotFoundError(f"model.distill.teacher.checkpoint={path!r} does not exist")
         return
     try:
@@ -316,7 +316,7 @@ def download_hints(datasets_cfg) -> Iterator[None]:
                     if is_url(str(url)):
                         wanted.append(f"{url} (datasets.{name}.build_info.annotations.{split}.url)")
         raise ConnectionError(
-            f"a dataset download failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}. LAVIS downloads "
+            f"a dataset download failed: {first_line(e)}. LAVIS downloads "
             f"these annotation files when they are not at their storage path: {wanted or 'none found'}. Offline, "
             "download them elsewhere and set datasets.NAME.build_info.annotations.SPLIT.url and .storage to the "
             "local file (the same absolute path), and datasets.NAME.build_info.images.storage to the image folder"
