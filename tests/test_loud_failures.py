@@ -54,7 +54,7 @@ def build_model(*options):
     ("model.distill.weight=-1", r"model\.distill\.weight=-1\.0 is out of range: it must be in \[0\.0, inf\)"),
     ("model.distill.start_epoch=50", r"start_epoch=50 is out of range: with run\.max_epoch=6 distillation would never start; "
                                      r"it must be in \[0, 5\]"),
-    ("model.distill.teacher.precision=bf17", r"model\.distill\.teacher\.precision='bf17' is not one of \['fp32', 'bf16', 'fp16'\] "
+    ("model.distill.teacher.precision=bf17", r"model\.distill\.teacher\.precision='bf17' is not one of \['fp32', 'bf16', 'fp16', 'auto'\] "
                                              r"\(did you mean 'bf16'\?\)"),
     ("model.model_type=bas", r"model\.model_type='bas' is not one of \['base', 'tiny'\] .*\(did you mean 'base'\?\)"),
     ("model.arch=cprd_dual_encodr", r"model\.arch='cprd_dual_encodr' is not a registered model \(did you mean 'cprd_dual_encoder'"),

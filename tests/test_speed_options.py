@@ -108,7 +108,7 @@ def test_bf16_autocast_runs_the_student_in_bf16_and_the_teacher_in_its_own_preci
 def test_amp_dtype_choices_and_scaler():
     assert autocast_dtype(OmegaConf.create({"amp": False, "amp_dtype": "bf16"})) is None
     assert autocast_dtype(OmegaConf.create({"amp": True})) is None  # fp16: LAVIS's own autocast
-    with pytest.raises(ValueError, match=r"run.amp_dtype='fp8' is not one of \['fp16', 'bf16'\]"):
+    with pytest.raises(ValueError, match=r"run.amp_dtype='fp8' is not one of \['fp16', 'bf16', 'auto'\]"):
         autocast_dtype(OmegaConf.create({"amp": True, "amp_dtype": "fp8"}))
     runner = SimpleNamespace(config=SimpleNamespace(run_cfg=OmegaConf.create({"amp": True, "amp_dtype": "bf16"})))
     assert CprdRunner.scaler.fget(runner) is None  # bf16 needs no loss scaling

@@ -9,10 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from lavis_cprd.errors import suggest
+from lavis_cprd.precision import AUTO, resolve
 
 # Where a teacher's weights are configured (errors name it).
 TEACHER_CHECKPOINT_KEY = "model.distill.teacher.checkpoint"
 PRECISIONS: Dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# ``auto``: bf16 where the device runs it natively, fp32 elsewhere (``lavis_cprd.precision``).
+TEACHER_PRECISIONS = (*PRECISIONS, AUTO)
 
 
 class FrozenTeacher(abc.ABC):
@@ -28,13 +31,13 @@ class FrozenTeacher(abc.ABC):
     model: torch.nn.Module
 
     def __init__(self, model: torch.nn.Module, precision: str = "fp32", batch_size: int = 128):
-        if precision not in PRECISIONS:
-            raise ValueError(f"model.distill.teacher.precision={precision!r} is not one of {sorted(PRECISIONS)}"
-                             f"{suggest(precision, PRECISIONS)}")
+        if precision not in TEACHER_PRECISIONS:
+            raise ValueError(f"model.distill.teacher.precision={precision!r} is not one of {list(TEACHER_PRECISIONS)}"
+                             f"{suggest(precision, TEACHER_PRECISIONS)}")
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.precision = precision
+        self.precision = precision  # as configured: ``auto`` is resolved per device
         self.batch_size = int(batch_size)
 
     def to(self, device: torch.device) -> "FrozenTeacher":
@@ -50,7 +53,7 @@ class FrozenTeacher(abc.ABC):
         if self.device != device:
             self.to(device)
         self.model.eval()
-        dtype = PRECISIONS[self.precision]
+        dtype = PRECISIONS[resolve(self.precision, device, "model.distill.teacher.precision")]
         return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 

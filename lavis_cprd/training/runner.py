@@ -29,7 +29,7 @@ from lavis_cprd.checkpoints import BEST, LATEST, PREVIOUS, atomic_save, load_che
 from lavis_cprd.distributed import resolve_device
 from lavis_cprd.training import lavis_patches
 from lavis_cprd.training.sampling import GroupedBatchSampler
-from lavis_cprd.training.task import autocast_dtype
+from lavis_cprd.training.task import amp_mode
 
 ADAMW_IMPLS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
 
@@ -76,9 +76,10 @@ class CprdRunner(RunnerBase):
 
     @property
     def scaler(self):
-        """LAVIS's fp16 gradient scaler under ``run.amp``; none for ``run.amp_dtype: bf16``
-        (bfloat16 has float32's range: nothing underflows), where the task autocasts itself."""
-        if autocast_dtype(self.config.run_cfg) is not None:
+        """LAVIS's fp16 gradient scaler when the student's mixed precision is fp16; none for
+        bf16 (bfloat16 has float32's range: nothing underflows), where the task autocasts
+        itself, nor when ``run.amp_dtype: auto`` chose float32."""
+        if amp_mode(self.config.run_cfg) != "fp16":
             return None
         return super().scaler
 

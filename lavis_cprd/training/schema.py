@@ -134,7 +134,7 @@ RUN: Dict[str, Key] = {
                         "num_captions_fid", "num_patches", "repetition_penalty", "top_k", "top_p")},
     # lavis-cprd (training/runner.py, training/task.py, training/launch.py)
     "cache_root": PATH,
-    "amp_dtype": choice("fp16", "bf16"),
+    "amp_dtype": choice("fp16", "bf16", "auto"),
     "adamw_impl": choice("fused", "foreach", "loop"),
     "skip_nonfinite_loss": FLAG,
     "group_batches_by": Key(str, nullable=True),
@@ -193,13 +193,13 @@ TEACHER_MODEL: Dict[str, Key] = {
 def _teacher_keys(kind: Optional[str] = None) -> Dict[str, Key]:
     """A teacher's keys; ``kind`` (``cross``/``dual``, the loss's) narrows the adapters."""
     from lavis_cprd.teachers import available_teachers
-    from lavis_cprd.teachers.base import PRECISIONS
+    from lavis_cprd.teachers.base import TEACHER_PRECISIONS
 
     return {
         "arch": Key(str, choices=lambda: available_teachers(kind)),
         "model_type": TEXT,  # checked by the adapter when the teacher is built, at start-up
         "checkpoint": PATH,
-        "precision": choice(*PRECISIONS),
+        "precision": choice(*TEACHER_PRECISIONS),
         "batch_size": count(1),
         "seed": num(integer=True),
         "model": Key(dict, nullable=True, keys=TEACHER_MODEL),

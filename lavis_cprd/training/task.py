@@ -18,7 +18,9 @@ from lavis.tasks.retrieval import RetrievalTask
 from omegaconf import open_dict
 
 from lavis_cprd.checkpoints import atomic_write
+from lavis_cprd.distributed import resolve_device
 from lavis_cprd.errors import NETWORK_ERRORS, first_line
+from lavis_cprd.precision import AUTO, resolve_amp
 from lavis_cprd.training.schema import prepare_config
 from lavis_cprd.training.tensorboard import TrainingBoard
 from lavis_cprd.training import lavis_patches
@@ -202,20 +204,27 @@ class CprdRetrievalTask(RetrievalTask):
         return stats
 
 
-AMP_DTYPES = ("fp16", "bf16")
+AMP_DTYPES = ("fp16", "bf16", AUTO)
 
 
-def autocast_dtype(run_cfg) -> Optional[torch.dtype]:
-    """Mixed precision of the training forward. ``run.amp: true`` with ``run.amp_dtype: fp16``
-    (the default) is LAVIS's own CUDA fp16 autocast with a gradient scaler; ``bf16`` autocasts
-    to bfloat16 on any device (CPU included) and needs no scaler. Returns the dtype the task
-    autocasts to itself (bf16), None when LAVIS handles it or mixed precision is off."""
-    if run_cfg is None:
+def amp_mode(run_cfg) -> Optional[str]:
+    """The student's mixed precision under ``run.amp: true``: ``fp16`` (``run.amp_dtype``'s
+    default) is LAVIS's own CUDA fp16 autocast with a gradient scaler; ``bf16`` autocasts to
+    bfloat16 on any device (CPU included) and needs no scaler; ``auto`` is bf16 where the
+    device runs it natively, else fp16 on CUDA and float32 on a CPU (``precision.resolve_amp``).
+    None when mixed precision is off."""
+    if run_cfg is None or not bool(run_cfg.get("amp", False)):
         return None
     dtype = str(run_cfg.get("amp_dtype", "fp16"))
     if dtype not in AMP_DTYPES:
         raise ValueError(f"run.amp_dtype={dtype!r} is not one of {list(AMP_DTYPES)}")
-    return torch.bfloat16 if bool(run_cfg.get("amp", False)) and dtype == "bf16" else None
+    return resolve_amp(dtype, resolve_device(str(run_cfg.get("device", "auto"))))
+
+
+def autocast_dtype(run_cfg) -> Optional[torch.dtype]:
+    """The dtype the task autocasts the training forward to itself (bf16); None when LAVIS
+    handles it (fp16) or mixed precision is off."""
+    return torch.bfloat16 if amp_mode(run_cfg) == "bf16" else None
 
 
 def _terms(output) -> Dict[str, torch.Tensor]:
