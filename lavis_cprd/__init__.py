@@ -12,9 +12,9 @@ registers lavis-cprd's own entries into LAVIS's registry:
   ``blip2_image_text_matching``, ``albef_retrieval``; dual encoders ``blip_feature_extractor``,
   ``clip_feature_extractor``, ``cprd_dual_encoder``
 """
-import lavis  # noqa: F401  (registers LAVIS's tasks, models, processors, builders)
-import lavis.common.optims  # noqa: F401  (registers lr schedulers)
-import lavis.runners  # noqa: F401  (registers runners)
+from lavis_cprd.environment import import_lavis
+
+import_lavis()  # registers LAVIS's tasks, models, processors, builders, runners, lr schedulers
 
 from lavis_cprd import teachers  # noqa: F401,E402
 from lavis_cprd.datasets.builders import ShapesBuilder  # noqa: F401,E402
