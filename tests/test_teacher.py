@@ -75,6 +75,27 @@ def test_teacher_is_frozen_and_in_eval_mode(teacher, batch):
     assert not any(p.requires_grad for p in teacher.model.parameters())
 
 
+def test_chunks_run_only_the_text_positions_their_longest_caption_needs(teacher, batch):
+    images = batch["image"][:4]
+    captions = ["red circle", "a big red circle on the left and a small blue square on the right",
+                "blue square", "a small green star at the top next to a big yellow triangle at the bottom"]
+    pairs = torch.cartesian_prod(torch.arange(4), torch.arange(4))
+    pairs = pairs[torch.randperm(len(pairs), generator=torch.Generator().manual_seed(1))]
+    widths = []
+    handle = teacher.model.text_encoder.register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
+    teacher.batch_size = 8
+    try:
+        got = teacher.logit(images, captions, pairs)
+    finally:
+        teacher.batch_size, _ = 256, handle.remove()
+    longest = len(teacher.model.tokenizer(captions[3]).input_ids)
+    assert widths == [len(teacher.model.tokenizer(captions[0]).input_ids), longest]  # short captions, then long ones
+    itm = BlipITM.forward(  # LAVIS pads every pair to the longest caption
+        teacher.model, {"image": images[pairs[:, 0]], "text_input": [captions[j] for j in pairs[:, 1]]}, match_head="itm"
+    )
+    torch.testing.assert_close(got, itm[:, 1] - itm[:, 0], rtol=1e-4, atol=1e-5)
+
+
 def test_bf16_scores_close_to_fp32(teacher, batch):
     pairs = torch.cartesian_prod(torch.arange(4), torch.arange(4))
     fp32 = teacher.score(batch["image"], batch["text_input"], pairs)

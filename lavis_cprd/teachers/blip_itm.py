@@ -59,8 +59,9 @@ class BlipITMTeacher(CrossEncoderTeacher):
     Each distinct image is encoded once per call and its patch features are reused for every
     caption it is paired with; each distinct caption is tokenized once. The cross-attention
     keys and values, which depend on the image only, are projected once per distinct image of
-    a chunk (pairs are grouped by image) and gathered for its pairs: at BLIP-base sizes those
-    projections of 577 patch features would otherwise cost eight times the rest of a pair.
+    a chunk and gathered for its pairs: at BLIP-base sizes those projections of 577 patch
+    features would otherwise cost eight times the rest of a pair. Each chunk runs only as many
+    text positions as its longest caption needs.
     """
 
     model: BlipITM
@@ -123,14 +124,22 @@ class BlipITMTeacher(CrossEncoderTeacher):
         if hasattr(model.tokenizer, "enc_token_id"):  # BLIP marks ITM inputs with [ENC]; ALBEF keeps [CLS]
             input_ids[:, 0] = model.tokenizer.enc_token_id
 
-        # Pairs of one image side by side, so that a chunk holds few distinct images.
-        if self.shares_image_projections:
-            order = torch.argsort(image_of_pair, stable=True)
+        # Each chunk is cut to its longest caption: padding is masked, so the cut changes no
+        # logit. Where an image has no more tokens than a caption (the embedded default's tiny
+        # teacher: 10 against up to 17), pairs are sorted by caption length first, so chunks
+        # hold captions of like length: a third fewer tokens on its captions of mixed length.
+        # Otherwise (BLIP-base: 577 patches) pairs of one image stay side by side, so that a
+        # chunk projects few distinct images' keys and values.
+        lengths = text.attention_mask.sum(dim=1)[text_of_pair]
+        by_length = image_embeds.shape[1] <= text.attention_mask.shape[1]
+        if by_length:
+            order = torch.argsort(lengths * len(image_embeds) + image_of_pair, stable=True)
         else:
-            order = torch.arange(len(pairs), device=pairs.device)
+            order = torch.argsort(image_of_pair * (int(lengths.max()) + 1) + lengths, stable=True)
         logits = []
         for s in chunks(len(pairs), self.batch_size):
             rows = order[s]
+            width = int(lengths[rows].max())
             if self.shares_image_projections:
                 images_here, self._image_of_pair = image_of_pair[rows].unique(return_inverse=True)
             else:
@@ -139,8 +148,8 @@ class BlipITMTeacher(CrossEncoderTeacher):
             atts = torch.ones((len(rows), embeds.shape[1]), dtype=torch.long, device=embeds.device)
             try:
                 out = model.text_encoder(
-                    input_ids[text_of_pair[rows]],
-                    attention_mask=text.attention_mask[text_of_pair[rows]],
+                    input_ids[text_of_pair[rows], :width],
+                    attention_mask=text.attention_mask[text_of_pair[rows], :width],
                     encoder_hidden_states=embeds,
                     encoder_attention_mask=atts,
                     return_dict=True,
