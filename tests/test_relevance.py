@@ -180,6 +180,28 @@ def test_partial_mode_records_exactly_the_true_matches(tmp_path):
     assert spec.key != shapes.ShapesSpec(seed=5, num_train=12, num_val=30, num_test=30, image_size=24).key
 
 
+def test_relevance_is_computed_once_per_split_and_again_for_new_annotations(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from lavis_cprd import relevance as rel
+
+    spec = shapes.ShapesSpec(seed=5, num_train=12, num_val=6, num_test=6, image_size=24, captions="partial")
+    ann = json.load(open(shapes.generate(str(tmp_path), spec)["val"]))
+    text = [c for a in ann for c in a["caption"]]
+    img2txt = {i: [3 * i, 3 * i + 1, 3 * i + 2] for i in range(len(ann))}
+    ds = SimpleNamespace(annotation=ann, image=[a["image"] for a in ann], text=text, img2txt=img2txt)
+    calls = []
+    compute = rel._relevance
+    monkeypatch.setattr(rel, "_relevance", lambda d: calls.append(1) or compute(d))
+    first = rel.dataset_relevance(ds)
+    assert rel.dataset_relevance(ds) is first and len(calls) == 1  # every epoch's evaluation reads the same
+    ds.annotation = ann[:3]
+    ds.image, ds.text, ds.img2txt = ds.image[:3], text[:9], {i: img2txt[i] for i in range(3)}
+    again = rel.dataset_relevance(ds)
+    assert len(calls) == 2 and again["true"].shape == (3, 9)
+    np.testing.assert_array_equal(again["true"], first["true"][:3, :9])
+
+
 def test_partial_grades_by_hand_and_unique_keys_unchanged():
     scene = [{"shape": "circle", "color": "red", "size": "small", "slot": 0},
              {"shape": "square", "color": "blue", "size": "large", "slot": 2}]

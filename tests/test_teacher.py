@@ -96,6 +96,32 @@ def test_chunks_run_only_the_text_positions_their_longest_caption_needs(teacher,
     torch.testing.assert_close(got, itm[:, 1] - itm[:, 0], rtol=1e-4, atol=1e-5)
 
 
+def test_the_memo_tokenizer_gives_bert_tokenizers_ids_and_tokenizes_a_text_once(monkeypatch):
+    from transformers import BertTokenizer
+
+    from lavis_cprd.tokenization import MemoBertTokenizer, load_blip_tokenizer, resolve_tokenizer_path
+
+    memo = load_blip_tokenizer(TOKENIZER)
+    assert isinstance(memo, MemoBertTokenizer)
+    plain = BertTokenizer.from_pretrained(resolve_tokenizer_path(TOKENIZER))
+    plain.add_special_tokens({"bos_token": "[DEC]"})
+    plain.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    captions = ["a red circle on the left", "A BIG blue Square, top-right!", "[ENC] a star", "",
+                " ".join(["green triangle"] * 30)]  # the last is cut to max_length
+    want = plain(captions, padding="longest", truncation=True, max_length=35, return_tensors="pt")
+    calls = []
+    original = BertTokenizer._tokenize
+    monkeypatch.setattr(BertTokenizer, "_tokenize", lambda self, text, *a, **k: calls.append(text) or original(self, text, *a, **k))
+    counts = []
+    for _ in range(2):
+        got = memo(captions, padding="longest", truncation=True, max_length=35, return_tensors="pt")
+        counts.append(len(calls))
+        assert set(got) == set(want)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    assert counts[0] > 0 and counts[1] == counts[0]  # the second time, every text was remembered
+
+
 def test_bf16_scores_close_to_fp32(teacher, batch):
     pairs = torch.cartesian_prod(torch.arange(4), torch.arange(4))
     fp32 = teacher.score(batch["image"], batch["text_input"], pairs)
