@@ -44,3 +44,7 @@ def import_lavis() -> ModuleType:
         raise ImportError(f"lavis-cprd cannot import LAVIS: the package {package!r} is not installed. Run {INSTALL}"
                           + (f". Also: {problem}" if problem else "")) from e
     return lavis
+
+
+if __name__ == "__main__":  # run_scripts/install.sh, before anything is installed
+    sys.exit(python_problem() or None)

