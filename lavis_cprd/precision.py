@@ -24,10 +24,14 @@ ISAS_WITHOUT_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE
 _logged: Set[str] = set()
 
 
+def onednn_isa_cap() -> str:
+    """``ONEDNN_MAX_CPU_ISA`` (or its older name), ``""`` when unset."""
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip()
+
+
 def cpu_bf16_units() -> str:
     """The CPU's bf16 units as oneDNN would use them (e.g. ``"avx512_bf16"``), ``""`` if none."""
-    capped = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
-    if capped and capped.strip().upper() in ISAS_WITHOUT_BF16:
+    if onednn_isa_cap().upper() in ISAS_WITHOUT_BF16:
         return ""
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
     found = [unit for unit in ("avx512_bf16", "amx_bf16") if caps.get(unit)]
@@ -51,7 +55,7 @@ def native_bf16(device: Union[str, torch.device]) -> Tuple[bool, str]:
         units = cpu_bf16_units()
         if units:
             return True, f"this CPU has bf16 units ({units})"
-        capped = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+        capped = onednn_isa_cap()
         where = f"ONEDNN_MAX_CPU_ISA={capped}" if capped else f"CPU capability {torch.backends.cpu.get_cpu_capability()}"
         return False, f"this CPU has no bf16 units ({where}): bf16 would be emulated, far slower than fp32"
     return False, f"bf16 speed on {device.type} is unknown"
