@@ -7,7 +7,8 @@
 Prints the CPU's capability and bf16 units, ``auto``'s choice with its reason, then two timings
 in fp32 and bf16 (medians, one thread on a CPU), each with its bf16/fp32 ratio measured in
 this run: one 256x512 @ 512x512 matmul (the issue-29 probe), and the embedded default's
-teacher (the packaged one) scoring the 32 x 32 pairs of one kl step. ``auto`` is right when it picks bf16 only where the ratio is below 1.
+teacher (the packaged one) scoring the 32 x 32 pairs of one kl step. ``auto`` is right when
+it picks bf16 only where the ratio is below 1.
 """
 from __future__ import annotations
 
