@@ -38,6 +38,15 @@ def gather_objects(part: dict) -> dict:
     return merged
 
 
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank (a decision taken once: a job folder, a resume path)."""
+    if not is_dist_avail_and_initialized():
+        return obj
+    box = [obj if get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     if is_dist_avail_and_initialized():
         x = x.clone()
@@ -58,6 +67,6 @@ def rank_offset(local_size: int) -> int:
 
 
 __all__ = [
-    "gather_with_grad", "gather_no_grad", "gather_strings", "gather_objects", "all_reduce_sum", "rank_offset",
+    "gather_with_grad", "gather_no_grad", "gather_strings", "gather_objects", "broadcast_object", "all_reduce_sum", "rank_offset",
     "get_rank", "get_world_size", "resolve_device",
 ]

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import logging
 import os
 import random
+from typing import Any, Optional, Tuple
+
 import numpy as np
 import torch
 import torch.backends.cudnn as cudnn
@@ -14,14 +17,14 @@ import torch.backends.cudnn as cudnn
 import lavis_cprd  # noqa: F401  (registrations must exist before Config is built)
 import lavis.tasks as tasks
 from lavis.common.config import Config
-from lavis.common.dist_utils import get_rank, setup_for_distributed
+from lavis.common.dist_utils import get_rank, is_main_process, setup_for_distributed
 from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
 from lavis.common.utils import now
 
-from lavis_cprd.checkpoints import find_resume_checkpoint
-from lavis_cprd.distributed import resolve_device
+from lavis_cprd.distributed import broadcast_object, resolve_device
 from lavis_cprd.errors import ConfigError
+from lavis_cprd.training.job_folder import ClaimedJob, find_resume_checkpoint, lock_job_folder
 from lavis_cprd.training.schema import name_problems, prepare_config
 
 def make_parser(description: str, resume: bool = False) -> argparse.ArgumentParser:
@@ -35,8 +38,8 @@ def make_parser(description: str, resume: bool = False) -> argparse.ArgumentPars
         return parser
     parser.add_argument(
         "--resume", default=None,
-        help="a checkpoint to resume from, or 'auto': the newest readable checkpoint_latest/previous under "
-        "run.output_dir (the run continues in that job folder); nothing found = start fresh.",
+        help="a checkpoint to resume from, or 'auto': the newest readable checkpoint_latest/previous of a run of "
+        "this same config under run.output_dir (the run continues in that job folder); none = start fresh.",
     )
     return parser
 
@@ -110,43 +113,70 @@ def setup_seeds(cfg: Config) -> None:
     cudnn.deterministic = True
 
 
-def resolve_resume(resume: str, run_cfg, job_id: str) -> str:
-    """``--resume PATH|auto`` into ``run.resume_ckpt_path``; returns the job id to run under
-    (``auto`` continues in the checkpoint's own job folder, so its best checkpoint and logs
-    stay in one place)."""
-    if resume != "auto":
-        run_cfg.resume_ckpt_path = resume
-        return job_id
-    path = find_resume_checkpoint(run_cfg.output_dir)
-    if path is None:
-        print(f"--resume auto: no readable checkpoint under {run_cfg.output_dir}; starting from scratch")
-        return job_id
-    print(f"--resume auto: resuming from {path}")
-    run_cfg.resume_ckpt_path = path
-    return os.path.basename(os.path.dirname(path))
+def setup_logging() -> None:
+    """LAVIS's ``setup_logger`` (INFO on the main process, WARNING elsewhere), made to hold when
+    something logged first: ``logging.basicConfig`` is a no-op once the root logger has a
+    handler, so one early warning (a skipped checkpoint, say) left the console at WARNING and
+    silent for the rest of the run."""
+    setup_logger()
+    logging.getLogger().setLevel(logging.INFO if is_main_process() else logging.WARNING)
+
+
+def resolve_resume(resume: str, cfg: Config) -> Optional[ClaimedJob]:
+    """``--resume PATH|auto`` into ``run.resume_ckpt_path`` (rank 0 decides, every rank is
+    told). ``auto``: the newest checkpoint of a run of this same config, continued in its own
+    job folder (so its best checkpoint and logs stay in one place), which is returned."""
+    def decide() -> Tuple[Optional[str], Optional[str]]:
+        if resume != "auto":
+            return resume, None
+        output_root = cfg.run_cfg.output_dir
+        path = find_resume_checkpoint(output_root, cfg.to_dict())
+        if path is None:
+            logging.info("--resume auto: no readable checkpoint of this config under %s; starting from scratch", output_root)
+            return None, None
+        folder = os.path.dirname(path)
+        if not lock_job_folder(folder):  # a run started in it since we looked
+            raise RuntimeError(f"--resume auto: {folder} is in use by another run")
+        logging.info("--resume auto: resuming from %s", path)
+        return path, os.path.basename(folder)
+
+    decision: Any = None
+    if get_rank() == 0:
+        try:
+            decision = decide()
+        except Exception as e:  # the other ranks wait on the broadcast: tell them too
+            broadcast_object(("error", f"{type(e).__name__}: {e}"))
+            raise
+    decision = broadcast_object(decision)
+    if decision[0] == "error":
+        raise RuntimeError(f"rank 0 could not resume: {decision[1]}")
+    path, job_id = decision
+    if path is not None:
+        cfg.run_cfg.resume_ckpt_path = path
+    return ClaimedJob(job_id) if job_id else None
 
 
 def build_runner(args: argparse.Namespace, evaluate_only: bool = False):
     """Everything up to a ready runner, as LAVIS's train.py does it."""
-    job_id = now()  # before distributed init, so every rank gets the same id
     cfg = load_config(args)
     if evaluate_only:
         cfg.run_cfg.evaluate = True
-    elif getattr(args, "resume", None):
-        job_id = resolve_resume(args.resume, cfg.run_cfg, job_id)
     init_distributed(cfg.run_cfg)
     setup_seeds(cfg)
-    setup_logger()
+    setup_logging()
     cfg.pretty_print()
 
     task = tasks.setup_task(cfg)
     datasets = task.build_datasets(cfg)
     model = task.build_model(cfg)
+    # After the build, whose checks and filled-in paths are part of the config a resume compares.
+    # A fresh job id is claimed by the runner itself (so LAVIS's own train.py gets one too).
+    job_id = resolve_resume(args.resume, cfg) if getattr(args, "resume", None) and not evaluate_only else None
     runner_cls = registry.get_runner_class(cfg.run_cfg.runner)
     if runner_cls is None:
         raise ValueError(
             f"run.runner={cfg.run_cfg.runner!r} is not registered; available: "
             f"{sorted(registry.mapping['runner_name_mapping'])}"
         )
-    return runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
+    return runner_cls(cfg=cfg, job_id=job_id or now(), task=task, model=model, datasets=datasets)
 

@@ -5,6 +5,8 @@ LAVIS 1.0.2's runner assumes a GPU: ``PrefetchLoader`` creates a CUDA stream, th
 property returns ``None`` when the model already sits on the device (always so on CPU),
 ``train()`` calls ``dist.barrier()`` even without a process group, metric sync all-reduces
 on ``cuda``, and DDP is given ``device_ids`` of a GPU. This subclass fixes those and otherwise defers to LAVIS.
+Its job id is the start time cut to ten minutes, so runs started in one window shared a folder:
+here every run claims a folder of its own (``job_folder``).
 
 Checkpoints: after each epoch's validation, ``checkpoint_latest.pth`` (the one before it is
 kept as ``checkpoint_previous.pth``) holds model, optimizer, scaler, epoch, every RNG state
@@ -26,8 +28,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from lavis_cprd.checkpoints import BEST, LATEST, PREVIOUS, atomic_save, load_checkpoint, rng_state, set_rng_state
-from lavis_cprd.distributed import resolve_device
+from lavis_cprd.distributed import broadcast_object, resolve_device
 from lavis_cprd.training import lavis_patches
+from lavis_cprd.training.job_folder import (
+    ClaimedJob, check_resume_fits, claim_job_folder, lock_job_folder, release_job_folder,
+)
 from lavis_cprd.training.sampling import GroupedBatchSampler
 from lavis_cprd.training.task import amp_mode
 
@@ -111,10 +116,24 @@ class CprdRunner(RunnerBase):
 
         return make
 
+    def setup_output_dir(self):
+        """The run's own job folder (``job_folder``): LAVIS's job id is the start time cut to
+        ten minutes, which two runs in one window shared. Rank 0 claims a new one, unless the
+        entry point claimed it already (``--resume auto`` continues a folder), and locks it."""
+        if not isinstance(self.job_id, ClaimedJob):
+            root = self.config.run_cfg.output_dir
+            self.job_id = broadcast_object(claim_job_folder(root) if get_rank() == 0 else None)
+        super().setup_output_dir()
+        if get_rank() == 0 and not lock_job_folder(str(self.output_dir)):
+            raise RuntimeError(f"job folder {self.output_dir} is in use by another run")
+
     def train(self):
-        with lavis_patches.barrier_without_process_group(), lavis_patches.metric_sync_on(self.device), \
-                lavis_patches.no_epoch_sleep(self.config.run_cfg.get("num_workers", 0)):
-            return super().train()
+        try:
+            with lavis_patches.barrier_without_process_group(), lavis_patches.metric_sync_on(self.device), \
+                    lavis_patches.no_epoch_sleep(self.config.run_cfg.get("num_workers", 0)):
+                return super().train()
+        finally:
+            release_job_folder(str(self.output_dir))
 
     # -------------------------------------------------------------- checkpoints
     _resume_rng = None
@@ -196,6 +215,7 @@ class CprdRunner(RunnerBase):
         if not os.path.isfile(url_or_filename):
             return super()._load_checkpoint(url_or_filename)  # a URL: LAVIS downloads it
         checkpoint = load_checkpoint(url_or_filename, map_location=self.device)
+        check_resume_fits(url_or_filename, checkpoint, self.config.to_dict(), self.unwrap_dist_model(self.model))
         self.unwrap_dist_model(self.model).load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scaler and checkpoint.get("scaler"):
