@@ -1,9 +1,7 @@
-"""Checkpoint files that survive interruption: atomic writes, RNG states, safe loading, and
-finding the newest readable checkpoint to resume from (``--resume auto``)."""
+"""Checkpoint files that survive interruption: atomic writes, RNG states, safe loading."""
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import logging
 import os
@@ -23,21 +21,78 @@ class CorruptCheckpointError(RuntimeError):
     """A checkpoint file that cannot be read (truncated by a crash, or not a checkpoint)."""
 
 
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
+class OutOfDiskSpaceError(OSError):
+    """A write that ran out of disk space, with the file, the disk and the space it needed."""
+
+
+# What torch's zip writer raises when a write comes up short (it hides the OSError).
+_SHORT_WRITE = ("file write failed", "unexpected pos")
+
+
+def atomic_write(path: str, write: Callable[[str], None], size_hint: int = 0) -> None:
     """``write(tmp)`` to a temporary file in the same folder, then rename onto ``path``: a
-    reader (or a resume after a crash) sees the old file or the whole new one, never a torn write."""
+    reader (or a resume after a crash) sees the old file or the whole new one, never a torn write.
+    A full disk is an :class:`OutOfDiskSpaceError` naming the file, the disk, the space free and
+    about how much was needed (``size_hint``, or what was written before it failed)."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         write(tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
+        full = _out_of_space(e, os.path.abspath(path), max(size_hint, written))
+        if full is None:
+            raise
+        raise full from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def _out_of_space(error: BaseException, path: str, needed: int) -> Optional[OutOfDiskSpaceError]:
+    """The error to raise when ``error`` means the disk ``path`` is on is full, else None."""
+    import errno
+    import shutil
+
+    folder = os.path.dirname(path)
+    free = shutil.disk_usage(folder).free
+    if isinstance(error, OSError):
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return None
+    elif not any(s in str(error) for s in _SHORT_WRITE) or free >= max(needed, 1 << 20):
+        return None  # torch's short write on a disk with room: not a full disk
+    mount = folder
+    while not os.path.ismount(mount) and os.path.dirname(mount) != mount:
+        mount = os.path.dirname(mount)
+    need = f"about {_size(needed)} needed, {_size(free)} free" if needed else f"more needed than the {_size(free)} free"
+    return OutOfDiskSpaceError(
+        errno.ENOSPC, f"out of disk space writing {path}: {need} on the disk mounted at {mount}. Free space there "
+        "or write elsewhere (run.output_dir); the file was left as it was before",
+    )
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _payload_bytes(obj: Any) -> int:
+    """The tensor bytes in ``obj`` (nested dicts, lists, tuples): about what ``torch.save`` writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_payload_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_payload_bytes(v) for v in obj)
+    return 0
+
+
 def atomic_save(obj: Any, path: str) -> None:
     """``torch.save`` through :func:`atomic_write`."""
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: torch.save(obj, tmp), size_hint=_payload_bytes(obj))
 
 
 def atomic_json(obj: Any, path: str) -> None:
@@ -84,24 +139,6 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def find_resume_checkpoint(output_root: str) -> Optional[str]:
-    """The newest readable ``checkpoint_latest``/``checkpoint_previous`` under
-    ``output_root/<job>/`` (LAVIS writes one job folder per run). Unreadable files are skipped
-    with a warning, so a checkpoint torn by a crash falls back to the one before it."""
-    candidates = glob.glob(os.path.join(output_root, "*", LATEST)) + glob.glob(os.path.join(output_root, "*", PREVIOUS))
-    scored = []
-    for path in candidates:
-        try:
-            ckpt = load_checkpoint(path)
-        except CorruptCheckpointError as e:
-            logging.warning("--resume auto: skipping %s", e)
-            continue
-        scored.append((int(ckpt.get("epoch", -1)), os.path.getmtime(path), path))
-    if not scored:
-        return None
-    return max(scored)[2]
 
 
 def export_half(src: str, dst: str) -> None:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import REPO, experiment_yaml
-from lavis_cprd.checkpoints import CorruptCheckpointError, atomic_save, find_resume_checkpoint, load_checkpoint
+from lavis_cprd.checkpoints import CorruptCheckpointError, atomic_save, load_checkpoint
+from lavis_cprd.training.job_folder import find_resume_checkpoint
 
 EPOCHS = 3
 
@@ -101,3 +102,46 @@ def test_resume_from_a_truncated_checkpoint_is_a_clear_error(retrieval_data, tmp
                          timeout=900)
     assert out.returncode != 0
     assert "is unreadable, truncated or corrupt" in out.stderr
+
+
+def test_a_full_disk_names_the_file_and_the_space_needed(tmp_path, monkeypatch):
+    """torch's own message for a full disk is ``[enforce fail at inline_container.cc:672]
+    unexpected pos``; a write that raises ENOSPC, and that message on a disk with no room, both
+    become an error naming the file, the disk and the space; the old file stays whole."""
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from lavis_cprd.checkpoints import OutOfDiskSpaceError, atomic_json
+
+    target = tmp_path / "checkpoint_latest.pth"
+    target.write_bytes(b"the previous checkpoint")
+    state = {"model": {"w": torch.ones(1000)}, "epoch": 2}  # 4000 tensor bytes
+
+    def short_of_space(obj, f):
+        open(f, "wb").write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", short_of_space)
+    with pytest.raises(OutOfDiskSpaceError, match=rf"out of disk space writing {target}: about 3.9 KiB needed, "
+                       r"[\d.]+ \w+ free on the disk mounted at /"):
+        atomic_save(state, str(target))
+    assert target.read_bytes() == b"the previous checkpoint" and os.listdir(tmp_path) == [target.name]
+
+    def torn(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(torch, "save", torn)
+    with pytest.raises(RuntimeError, match="unexpected pos") as plenty:  # room on the disk: not a full disk
+        atomic_save(state, str(target))
+    assert not isinstance(plenty.value, OutOfDiskSpaceError)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(10 << 20, 10 << 20, 0))
+    with pytest.raises(OutOfDiskSpaceError, match=r"about 3.9 KiB needed, 0 B free"):
+        atomic_save(state, str(target))
+
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, mode="r", *a, **k: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device")) if "w" in mode else real_open(f, mode, *a, **k))
+    with pytest.raises(OutOfDiskSpaceError, match=r"writing .*metrics.json: more needed than the 0 B free"):
+        atomic_json({"val/0": {}}, str(tmp_path / "metrics.json"))
