@@ -112,6 +112,11 @@ def empty_caption(root, anns):
     anns["val"][1]["caption"][0] = ""
 
 
+def invisible_caption(root, anns):
+    anns["train"][3]["caption"] = "\u200b\u200b \u200b"  # zero-width spaces: prints as nothing
+    anns["val"][2]["caption"][0] = "\u0301\u0301"  # combining accents: the uncased tokenizer strips them all
+
+
 def unknown_tokens(root, anns):
     anns["train"][4]["caption"] = "ⵣⵣⵣ ꙮꙮ"
 
@@ -128,6 +133,8 @@ CASES = {
     "unreadable": (unreadable, r"split 'train': 2 bad entries: 2 unreadable image; e.g. entry 6: unreadable image "
                    r".*train_3.png"),
     "empty caption": (empty_caption, r"split 'train': 1 bad entries: 1 empty caption; e.g. entry 2: empty caption ' ... '"),
+    "invisible caption": (invisible_caption, r"split 'train': 1 bad entries: 1 empty caption; e.g. entry 3: empty "
+                          r"caption '\\u200b\\u200b \\u200b'"),
     "unknown tokens": (unknown_tokens, r"split 'train': 1 bad entries: 1 caption of only unknown tokens; e.g. entry 4"),
     "duplicated id": (duplicated_id, r"split 'train': 3 bad entries: 3 duplicated image id; e.g. entry 0: "
                       r"duplicated image id 0 names"),
@@ -135,7 +142,7 @@ CASES = {
                              r"image listed twice .* \(also entry 0\)"),
 }
 # items removed from (train, val) with skip_bad, and captions removed from val
-SKIPPED = {"unreadable": (2, 0, 0), "empty caption": (1, 0, 1), "unknown tokens": (1, 0, 0),
+SKIPPED = {"unreadable": (2, 0, 0), "empty caption": (1, 0, 1), "invisible caption": (1, 0, 1), "unknown tokens": (1, 0, 0),
            "duplicated id": (3, 0, 0), "duplicated val image": (0, 1, 0)}
 
 
@@ -214,6 +221,53 @@ def test_a_list_wrapped_in_an_object_is_a_clear_error(tmp_path):
 
     with pytest.raises(ValueError, match=r"val.json holds a JSON object \(keys \['annotations'\]\); LAVIS expects a list"):
         _build_with_file(tmp_path, lambda train: _json.dumps({"annotations": train}))
+
+
+# ------------------------------------------------ splits that cannot feed the run, at start-up
+def empty(split):
+    def edit(root, anns):
+        anns[split] = []
+    return edit
+
+
+@pytest.mark.parametrize("edit,overrides,message", [
+    (empty("val"), {}, r"split 'val' \(run.valid_splits\) of datasets.flickr30k \(.*val.json\) is empty"),
+    (empty("test"), {}, r"split 'test' \(run.test_splits\) of datasets.flickr30k \(.*test.json\) is empty"),
+    (empty("train"), {}, r"split 'train' \(run.train_splits\) of datasets.flickr30k \(.*train.json\) is empty"),
+    (None, {"run.batch_size_train": 32}, r"split 'train' .* has 24 items, fewer than one batch "
+                                         r"\(run.batch_size_train=32 x world size 1\)"),
+    (None, {"run.batch_size_train": 1}, r"run.batch_size_train=1 \(x world size 1\): ITC contrasts each pair with the "
+                                        r"other pairs of its batch; with one pair per batch there are none"),
+    (None, {"run.valid_splits": ["dev"]}, r"run.valid_splits lists 'dev', but no dataset has that split"),
+], ids=["empty val", "empty test", "empty train", "train below one batch", "ITC batch 1", "unknown split"])
+def test_splits_that_cannot_feed_the_run_fail_at_build(edit, overrides, message, tmp_path):
+    """Before: an empty val split trained a whole epoch, then failed with LAVIS's 'data_loader
+    for split val is None'; an empty train split failed in torch (num_samples=0); batch 1 trained
+    on an ITC loss of exactly 0."""
+    with pytest.raises(ValueError, match=message):
+        build_splits(tmp_path, edit or (lambda root, anns: None), **overrides)
+
+
+def test_more_hard_negatives_than_training_images_fail_at_build(tmp_path):
+    """12 training images (24 captions): K=12 fits a batch of 16, but no query can ever have
+    12 negative images."""
+    import lavis.tasks as tasks
+
+    from conftest import experiment_yaml, write_retrieval_dataset
+    from lavis_cprd.training.launch import load_config
+
+    root = str(tmp_path / "data")
+    splits = write_retrieval_dataset(root, n_train=12, n_val=4, n_test=4)
+    options = {"run.batch_size_train": 16, "model.distill.num_hard_negatives": 12}
+    cfg = load_config(type("Args", (), {"cfg_path": experiment_yaml(tmp_path / "x.yaml", root, splits, tmp_path / "o",
+                                                                     **options), "options": []})())
+    task = tasks.setup_task(cfg)
+    task.build_datasets(cfg)
+    with pytest.raises(ValueError, match=r"num_hard_negatives \(K=12\) must be smaller than the training split's "
+                                         r"number of distinct images \(12\)"):
+        task.build_model(cfg)
+    cfg.model_cfg.distill.num_hard_negatives = 11
+    assert task.build_model(cfg).distill.num_hard_negatives == 11
 
 
 # ----------------------------------------------------------- weights never silently random

@@ -1,5 +1,5 @@
-"""Bad-data checks at dataset build time: missing or unreadable images, empty captions,
-captions of only unknown tokens, one image id naming several images (or one image listed
+"""Bad-data checks at dataset build time: missing or unreadable images, empty captions (those
+that print or tokenize as nothing too), captions of only unknown tokens, one image id naming several images (or one image listed
 twice in an evaluation split). By default a clear error; with ``datasets.NAME.skip_bad:
 true``, a warning with counts and the items left out."""
 from __future__ import annotations
@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import unicodedata
 from collections import Counter, defaultdict
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -30,26 +31,40 @@ def _image_problem(path: str) -> Optional[Reason]:
     return None
 
 
-def unknown_only_checker(tokenizer) -> Optional[Callable[[str], bool]]:
-    """``caption -> True`` when every word of it maps to the tokenizer's unknown token (the
-    student would see ``[CLS] [UNK] ... [SEP]``). Words are looked up once each."""
+EMPTY, UNKNOWN = "empty caption", "caption of only unknown tokens"
+# Characters that print as nothing: controls, format characters (zero-width spaces, joiners,
+# the BOM, direction marks), separators. A caption of only these is an empty caption.
+_INVISIBLE = ("Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp")
+
+
+def visible(text: str) -> str:
+    """``text`` without the characters that print as nothing."""
+    return "".join(ch for ch in text if unicodedata.category(ch) not in _INVISIBLE)
+
+
+def caption_checker(tokenizer) -> Optional[Callable[[str], Optional[str]]]:
+    """``caption -> problem or None`` for the student's tokenizer: :data:`EMPTY` when it
+    tokenizes to nothing (the model would see ``[CLS] [SEP]``), :data:`UNKNOWN` when every word
+    maps to the unknown token (``[CLS] [UNK] ... [SEP]``). Words are looked up once each."""
     if tokenizer is None or getattr(tokenizer, "unk_token", None) is None:
         return None
-    unknown: Dict[str, bool] = {}
+    pieces: Dict[str, str] = {}  # word -> "none" | "unknown" | "known"
 
-    def only_unknown(caption: str) -> bool:
-        words = caption.split()
-        for w in words:
-            if w not in unknown:
-                unknown[w] = tokenizer.tokenize(w) == [tokenizer.unk_token]
-            if not unknown[w]:
-                return False
-        return bool(words)
+    def problem(caption: str) -> Optional[str]:
+        kinds = set()
+        for w in caption.split():
+            if w not in pieces:
+                tokens = tokenizer.tokenize(w)
+                pieces[w] = "none" if not tokens else "unknown" if tokens == [tokenizer.unk_token] else "known"
+            kinds.add(pieces[w])
+        if "known" in kinds:
+            return None
+        return UNKNOWN if "unknown" in kinds else EMPTY
 
-    return only_unknown
+    return problem
 
 
-def find_problems(dataset, only_unknown=None) -> Tuple[Dict[int, List[Reason]], Dict[Tuple[int, int], Reason]]:
+def find_problems(dataset, caption_problem=None) -> Tuple[Dict[int, List[Reason]], Dict[Tuple[int, int], Reason]]:
     """``(item problems {annotation index: [reasons]}, caption problems {(index, caption
     index): reason})`` of a LAVIS retrieval split (training: one caption per item; evaluation:
     a caption list per image)."""
@@ -74,10 +89,9 @@ def find_problems(dataset, only_unknown=None) -> Tuple[Dict[int, List[Reason]], 
         raw = ann.get("caption", "")
         for k, caption in enumerate([raw] if isinstance(raw, str) else list(raw)):
             processed = dataset.text_processor(caption) if isinstance(caption, str) else ""
-            if not processed.strip():
-                captions[(n, k)] = ("empty caption", repr(caption))
-            elif only_unknown is not None and only_unknown(processed):
-                captions[(n, k)] = ("caption of only unknown tokens", repr(caption))
+            kind = EMPTY if not visible(processed) else caption_problem(processed) if caption_problem else None
+            if kind is not None:
+                captions[(n, k)] = (kind, repr(caption))
     for n, ann in enumerate(dataset.annotation) if training else ():
         paths = paths_of_id[ann["image_id"]]
         if len(paths) > 1:
@@ -98,13 +112,13 @@ def _summary(items: Dict[int, List[Reason]], captions: Dict[Tuple[int, int], Rea
     return f"{counts}; e.g. " + " | ".join(examples)
 
 
-def check_split(name: str, split: str, dataset, skip_bad: bool, only_unknown=None, work_dir: str = ""):
+def check_split(name: str, split: str, dataset, skip_bad: bool, caption_problem=None, work_dir: str = ""):
     """The split, checked: unchanged when clean; a ``ValueError`` (``FileNotFoundError`` when
     only images are missing) naming the problems; or with ``skip_bad`` the split rebuilt by
     its own LAVIS class from the annotations that are left."""
     if getattr(dataset, "annotation", None) is None or getattr(dataset, "vis_root", None) is None:
         return dataset
-    items, captions = find_problems(dataset, only_unknown)
+    items, captions = find_problems(dataset, caption_problem)
     if not items and not captions:
         return dataset
     where = f"datasets.{name} split {split!r}"
