@@ -6,20 +6,25 @@
 The teacher is the experiment's ``model.distill.teacher``; candidates are mined by a fixed
 dual encoder: the experiment's student (optionally loaded from ``--encoder-ckpt``) or any
 dual-encoder adapter (``--encoder-arch clip_feature_extractor --encoder-options
-model_type=ViT-B-16``). Interrupted builds resume: rerun the same command. Train with
-``--options model.distill.teacher_cache=output/teacher_cache``.
+model_type=ViT-B-16``). Interrupted builds resume and damaged ones are repaired: rerun the
+same command (every file already there is checked against its recorded sha256). Train with
+``--options model.distill.teacher_cache=output/teacher_cache``: training checks the files
+again, and that its teacher (arch, checkpoint bytes, precision on its device) is the one
+recorded here.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import shlex
+import sys
 from typing import List, Optional
 
 from omegaconf import OmegaConf
 
 from lavis_cprd.checkpoints import load_state
 from lavis_cprd.training.launch import load_config, setup_seeds
-from lavis_cprd.distill.teacher_cache import build_teacher_cache
+from lavis_cprd.distill.cache_builder import build_teacher_cache
 from lavis_cprd.distributed import resolve_device
 
 
@@ -48,6 +53,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
     from lavis_cprd.teachers import build_teacher
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = make_parser().parse_args(argv)
     setup_logger()
     cfg = load_config(args)
@@ -87,6 +93,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     stats = build_teacher_cache(
         dataset, teacher.logit, encode_images, encode_texts, args.output, args.top_m,
         shard_size=args.shard_size, device=device, settings=settings,
+        teacher_identity=model.objective.teacher_identity(device),  # training compares its teacher's with it
+        command=shlex.join(["lavis-cprd", "cache-teacher", *argv]),  # the repair a reader is told to run
     )
     logging.info("cache-teacher: %s", stats)
     print(f"teacher cache {args.output}: {stats}")

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lavis_cprd.hashing import file_sha256
+
 log = logging.getLogger("lavis_cprd.apps.serving")
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
@@ -124,17 +126,11 @@ def model_fingerprint(cfg, ckpt: Optional[str]) -> Dict[str, str]:
     random init) and the resolved model and eval-processor config."""
     from omegaconf import OmegaConf
 
-    digest = hashlib.sha256()
-    if ckpt:
-        with open(ckpt, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    else:
-        digest.update(b"random-init, seed 0")
+    ckpt_sha256 = file_sha256(ckpt) if ckpt else hashlib.sha256(b"random-init, seed 0").hexdigest()
     config = {"model": OmegaConf.to_container(cfg.model_cfg, resolve=True), "vis_processor": _eval_processor(cfg)}
     config["model"].pop("finetuned", None)  # where the checkpoint lies, not what it holds
     blob = json.dumps(config, sort_keys=True, default=str).encode()
-    return {"ckpt_sha256": digest.hexdigest(), "config_sha256": hashlib.sha256(blob).hexdigest()}
+    return {"ckpt_sha256": ckpt_sha256, "config_sha256": hashlib.sha256(blob).hexdigest()}
 
 
 def _eval_processor(cfg) -> Optional[dict]:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from lavis_cprd import distributed
+from lavis_cprd.distill.cache_integrity import check_teacher_identity, teacher_identity
 from lavis_cprd.distill.config import DistillConfig
 from lavis_cprd.distill.mining import all_negatives, first_occurrence_mask, mine_hard_negatives
 from lavis_cprd.distill.registry import Direction, get_loss
@@ -57,6 +58,9 @@ class DistillObjective:
         self._teacher: Optional[FrozenTeacher] = None
         self._cache: Optional[TeacherScoreCache] = None
         self._record = TeacherScoreRecord() if cfg.teacher_record else None
+        # The training device, set at start-up (the task's ``build_teacher_now``), else by the
+        # first teacher call: the teacher precision ``auto`` of the cache's identity resolves on it.
+        self.device: Optional[torch.device] = None
         # The last step's statistics (logged by the task): the share of teacher pairs found in
         # the cache, and the share of queries with a distillation term.
         self.cache_hit_rate: Optional[torch.Tensor] = None
@@ -94,12 +98,33 @@ class DistillObjective:
         """Whether the teacher has been built (it is, on the first distilling step)."""
         return self._teacher is not None
 
+    def teacher_identity(self, device: Union[str, torch.device]) -> Dict[str, Any]:
+        """The configured teacher's identity on ``device`` (``cache_integrity.teacher_identity``):
+        what a teacher cache's manifest must record for this run to read it."""
+        return teacher_identity(self.cfg.teacher, self.teacher_arch, device)
+
     @property
     def teacher_cache(self) -> Optional[TeacherScoreCache]:
-        """``distill.teacher_cache``, loaded on first use (None when not configured)."""
+        """``distill.teacher_cache``, loaded on first use, every file verified against its
+        checksum (None when not configured)."""
         if self._cache is None and self.cfg.teacher_cache:
             self._cache = TeacherScoreCache.load(self.cfg.teacher_cache)
         return self._cache
+
+    @property
+    def teacher_cache_loaded(self) -> bool:
+        """Whether ``distill.teacher_cache`` has been loaded (and verified)."""
+        return self._cache is not None
+
+    def verify_teacher_cache(self, device: Union[str, torch.device]) -> Optional[TeacherScoreCache]:
+        """Start-up: load ``distill.teacher_cache`` now (a damaged file fails here, naming it,
+        not at the first distilled step) and refuse it unless the teacher that scored it is the
+        configured one on the training ``device``."""
+        self.device = torch.device(device)
+        cache = self.teacher_cache
+        if cache is not None and cache.manifest is not None:  # an in-memory cache has no manifest
+            check_teacher_identity(cache.manifest, self.teacher_identity(self.device), cache.root)
+        return cache
 
     def use_teacher_cache(self, cache: Union[str, TeacherScoreCache, None]) -> None:
         """Read teacher logits from ``cache`` from now on: a folder (``distill.teacher_cache``)
@@ -113,7 +138,9 @@ class DistillObjective:
         """``distill.teacher_record``: write the teacher logits computed so far (every rank
         calls this; the task does at the end of the last epoch)."""
         if self._record is not None:
-            n = self._record.save(self.cfg.teacher_record, {"teacher": dict(self.cfg.teacher)})
+            device = self.device or distributed.resolve_device("auto")
+            n = self._record.save(self.cfg.teacher_record, {"teacher": dict(self.cfg.teacher)},
+                                  teacher_identity=self.teacher_identity(device))
             logging.info("teacher record %s: %d pairs", self.cfg.teacher_record, n)
 
     # --------------------------------------------------------------------- loss
@@ -202,6 +229,8 @@ class DistillObjective:
         return [logits.new_zeros(m.shape).masked_scatter(m, c).view(shape) for (_, _, m, shape), c in zip(flat, chunks)]
 
     def _score_pairs(self, images_all, captions_all, image_ids_all, pairs) -> torch.Tensor:
+        if self.device is None:  # built outside the task (no start-up): the teacher runs where the batch is
+            self.device = images_all.device
         cache = self.teacher_cache
         if cache is None:
             logits = self.teacher.logit(images_all, captions_all, pairs, image_ids=image_ids_all)

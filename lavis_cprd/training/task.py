@@ -24,7 +24,8 @@ from lavis_cprd.precision import AUTO, resolve_amp
 from lavis_cprd.training.schema import prepare_config
 from lavis_cprd.training.tensorboard import TrainingBoard
 from lavis_cprd.training import lavis_patches
-from lavis_cprd.datasets.checks import check_annotation_file, check_split, unknown_only_checker
+from lavis_cprd.datasets.checks import caption_checker, check_annotation_file, check_split
+from lavis_cprd.datasets.split_sizes import check_hard_negatives, check_split_sizes
 from lavis_cprd.datasets.coco_eccv import CONFIG_KEY as COCO_CAPTIONS_KEY
 from lavis_cprd.datasets.coco_eccv import eccv_metrics, resolve_captions_path, tag_coco_ids
 from lavis_cprd.relevance import dataset_relevance, relevance_metrics
@@ -77,18 +78,19 @@ class CprdRetrievalTask(RetrievalTask):
             check_annotation_files(name, dcfg)
         with download_hints(cfg.datasets_cfg):
             datasets = super().build_datasets(cfg)
-        only_unknown = unknown_only_checker(_caption_tokenizer(cfg.model_cfg))
+        caption_problem = caption_checker(_caption_tokenizer(cfg.model_cfg))
         for name, splits in datasets.items():
             dcfg = cfg.datasets_cfg[name]
             if dcfg.get("check_images", True):
                 work_dir = os.path.join(registry.get_path("cache_root"), "lavis_cprd_filtered")
                 for split in list(splits):
                     splits[split] = check_split(
-                        name, split, splits[split], bool(dcfg.get("skip_bad", False)), only_unknown, work_dir
+                        name, split, splits[split], bool(dcfg.get("skip_bad", False)), caption_problem, work_dir
                     )
             captions = dcfg.get(COCO_CAPTIONS_KEY)
             if captions:  # COCO: map the eval splits to COCO ids for the ECCV Caption / CxC metrics
                 tag_coco_ids(splits, resolve_captions_path(name, str(captions), registry.get_path("cache_root")))
+        self._train_images = check_split_sizes(datasets, cfg, get_world_size())
         return datasets
 
     def build_model(self, cfg):
@@ -101,8 +103,10 @@ class CprdRetrievalTask(RetrievalTask):
                 f"model.distill.num_hard_negatives (K={distill.num_hard_negatives}) must be smaller than "
                 f"the gathered batch size (run.batch_size_train x world size = {batch})"
             )
+        if distill is not None and distill.needs_teacher:
+            check_hard_negatives(distill.num_hard_negatives, getattr(self, "_train_images", None))
         if distill is not None and distill.needs_teacher and not cfg.run_cfg.get("evaluate", False):
-            build_teacher_now(model)
+            build_teacher_now(model, resolve_device(cfg.run_cfg.get("device", "auto")))
         return model
 
     # --------------------------------------------------------------- evaluation
@@ -287,17 +291,21 @@ def check_annotation_files(name: str, dcfg) -> None:
                     info.storage = list(storages)
 
 
-def build_teacher_now(model) -> None:
+def build_teacher_now(model, device: torch.device) -> None:
     """Build the student's teacher before the first epoch, whatever ``distill.start_epoch``:
     a missing or unreadable checkpoint, an unknown type or precision fail at start-up, not
     when distillation starts (the objective would build it then). With a ``teacher_cache``
-    the teacher scores only the pairs the cache lacks (often none), so it stays lazy and only
-    its checkpoint file is checked here."""
+    the teacher scores only the pairs the cache lacks (often none), so it stays lazy; its
+    checkpoint file is checked, and the cache is loaded here: every file is verified against
+    the checksum its manifest recorded, and the teacher that scored it must be the configured
+    one on the training ``device`` (arch, checkpoint bytes, precision as resolved there)."""
     teacher = model.distill.teacher
+    model.objective.device = device  # teacher precision "auto" resolves here for a recorded cache's identity
     if model.distill.teacher_cache:
         path = teacher.get("checkpoint")
         if path and not is_url(str(path)) and not os.path.isfile(path):
             raise FileNotFoundError(f"model.distill.teacher.checkpoint={path!r} does not exist")
+        model.objective.verify_teacher_cache(device)
         return
     try:
         model.teacher  # noqa: B018  (the objective builds it on first access)
