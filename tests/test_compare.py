@@ -206,6 +206,42 @@ def test_runs_of_a_seed_share_the_teachers_scores(compare_run, tmp_path):
             assert torch.allclose(shared[key].float(), own[key].float(), atol=1e-3), (name, key)
 
 
+def test_a_changed_config_retrains_the_recorder_and_its_readers_read_the_new_scores(compare_run, tmp_path):
+    """The seed's recorder (kl) and a reader (cprd), copied to another output folder, are reused
+    there as they are (paths inside it compare relative to it). With another learning rate both
+    retrain: the old runs, the old recorded scores with them, are kept aside, and cprd reads what
+    the retrained kl recorded, not the superseded recording."""
+    import shutil
+
+    out, _ = compare_run
+    for name in ("kl_seed0", "cprd_seed0"):
+        shutil.copytree(out / name, tmp_path / name)
+    two = ["--methods", "kl", "cprd", "--weights", "--ks"]
+    proc = compare(tmp_path, *two)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert json.load(open(tmp_path / "results.json"))["run_reuse"] == {
+        n: {"reused": True, "reason": "same config and version"} for n in ("kl_seed0", "cprd_seed0")}
+    assert "lavis_cprd.apps.train" not in proc.stderr and "Runs trained: none" in proc.stdout
+
+    proc = compare(tmp_path, *two, "--student-options", *STUDENT, "run.init_lr=0.002")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert json.load(open(tmp_path / "results.json"))["run_reuse"] == {
+        n: {"reused": False, "reason": "request differs in run.init_lr"} for n in ("kl_seed0", "cprd_seed0")}
+    assert proc.stderr.count("run.init_lr: 0.0005 -> 0.002") == 2
+    assert "Runs reused (same config and lavis_cprd version): none" in proc.stdout
+    recording = tmp_path / "kl_seed0" / "teacher_scores" / "manifest.json"
+    (old_kl,) = glob.glob(str(tmp_path / "kl_seed0.superseded-*"))
+    (old_cprd,) = glob.glob(str(tmp_path / "cprd_seed0.superseded-*"))
+    assert open(os.path.join(old_kl, "teacher_scores", "manifest.json"), "rb").read() == \
+        open(out / "kl_seed0" / "teacher_scores" / "manifest.json", "rb").read()  # the old recording, kept
+    assert os.path.getmtime(recording) > os.path.getmtime(os.path.join(old_cprd, "checkpoint_best.pth"))
+    stored = torch.load(tmp_path / "cprd_seed0" / "checkpoint_best.pth", map_location="cpu", weights_only=True)["config"]
+    assert stored["run"]["init_lr"] == 0.002
+    assert stored["model"]["distill"]["teacher_cache"] == str(recording.parent)
+    rates = [float(e["train_teacher_cache_hit_rate"]) for e in _logged_epochs(tmp_path / "cprd_seed0")]
+    assert rates and all(r == 1.0 for r in rates)
+
+
 def test_score_statistics_equal_direct_teacher_scoring(compare_run):
     """compare looks the finding-1 pairs up in the teacher's all-pairs table; scoring them
     with the teacher directly gives the same means and tau."""

@@ -93,14 +93,22 @@ def test_retrained_teacher_is_exported_in_fp16_and_scores_as_trained(demo_run):
     torch.testing.assert_close(half_scores, full_scores, rtol=0, atol=5e-3)
 
 
+RUN_FOLDERS = {"teacher_itc", "teacher", "none_seed0", "cprd_seed0", "cprd_oracle_seed0", "kl_seed0"}
+
+
 def test_demo_reuses_finished_runs(demo_run):
-    out, _ = demo_run
+    out, first_log = demo_run
+    assert "Runs reused (same config and lavis_cprd version): none" in first_log
     export = out / "teacher" / "teacher_fp16.pth"
     mtime = os.path.getmtime(export)
     log = demo(out)
     assert os.path.getmtime(export) == mtime
     assert log.count("reusing") == 6  # teacher (two stages) + four students
+    assert log.count(": same config and lavis_cprd version (") == 6  # each says why
     assert "lavis_cprd.apps.train" not in log.split("reusing")[0]
+    assert "Runs trained: none" in log and not glob.glob(str(out / "*.superseded-*"))
+    reuse = json.load(open(out / "results.json"))["run_reuse"]
+    assert reuse == {name: {"reused": True, "reason": "same config and version"} for name in RUN_FOLDERS}
 
 
 def test_demo_warns_when_the_packaged_teachers_data_differ(caplog):

@@ -7,7 +7,9 @@ and sweeps of the CPRD weight and of K (finding 3). For finding 1 it records, pe
 the teacher's and the student's score statistics on positives, hard and easy negatives.
 Writes ``results.md`` (mean ± std over seeds), ``results.json``, ``metrics.png`` (each metric per
 method, a dot per seed) and ``score_distributions.png``.
-Finished runs are reused, so an interrupted comparison resumes.
+Finished runs are reused when trained for the same resolved config, lavis_cprd version and
+checkpoint contents (``apps.run_reuse``), so an interrupted comparison resumes and a changed one
+retrains; the log and the final summary say which runs were reused and why the others trained.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from lavis_cprd.apps.run_reuse import RunDecision, summarize_decisions
 from lavis_cprd.apps.runs import common_parser, ensure_teacher, eval_split, load_trained, train_run
 from lavis_cprd.distill.registry import get_loss, list_losses
 from lavis_cprd.relevance import dataset_relevance, relevance_metrics
@@ -139,7 +142,8 @@ def run_order(job: Tuple[str, int, List[str]], recorders: Dict[int, str], seeds:
     return (1, 1 + seeds.index(seed) if reads else 0, get_loss(_loss_of(options)).candidates != "all")
 
 
-def train_students(args, out: str, teacher_ckpt: str, runs: List[Tuple[str, str, List[str]]]) -> Dict[str, Dict[int, str]]:
+def train_students(args, out: str, teacher_ckpt: str, runs: List[Tuple[str, str, List[str]]],
+                   decisions: Optional[List[RunDecision]] = None) -> Dict[str, Dict[int, str]]:
     """Every (run, seed) of the plan trained (or reused) into ``out/NAME_seedS``, ``args.jobs``
     at a time; returns ``{name: {seed: checkpoint}}`` in plan order. The teacher's scores are
     shared within a seed (``score_recorders``): a reading run waits for its recorder."""
@@ -164,7 +168,7 @@ def train_students(args, out: str, teacher_ckpt: str, runs: List[Tuple[str, str,
         opts = [*args.options, *args.student_options, *options, f"run.seed={seed}",
                 f"model.distill.teacher.checkpoint={teacher_ckpt}",
                 *([f"model.distill.{shared}={scores_of(seed)}"] if shared else [])]
-        return train_run(args.student_cfg, opts, os.path.join(out, f"{name}_seed{seed}"), threads)
+        return train_run(args.student_cfg, opts, os.path.join(out, f"{name}_seed{seed}"), threads, decisions)
 
     eval_split(args.student_cfg, [*args.options, *args.student_options])  # data generated once, before runs side by side
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -260,14 +264,16 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     os.makedirs(out, exist_ok=True)
     t_start = time.time()
 
-    teacher_ckpt = os.path.abspath(ensure_teacher(args, out))
+    decisions: List[RunDecision] = []  # per run folder: reused or trained, and why
+    teacher_ckpt = os.path.abspath(ensure_teacher(args, out, decisions))
     runs = plan(args)
-    ckpts = train_students(args, out, teacher_ckpt, runs)
+    ckpts = train_students(args, out, teacher_ckpt, runs, decisions)
 
     results = evaluate(args, out, teacher_ckpt, ckpts, {name: label for name, label, _ in runs})
-    results.update(seeds=args.seeds, teacher_checkpoint=teacher_ckpt, seconds=time.time() - t_start)
+    results.update(seeds=args.seeds, teacher_checkpoint=teacher_ckpt, seconds=time.time() - t_start,
+                   run_reuse={os.path.basename(d.run_dir): {"reused": d.reused, "reason": d.reason} for d in decisions})
     report = write_report(results, out)
-    print("\n" + report)
+    print("\n" + report + "\n" + summarize_decisions(decisions))
     print(f"Wrote {out}/results.md, results.json, metrics.png, score_distributions.png ({results['seconds'] / 60:.1f} min)")
     return results
 

@@ -13,7 +13,9 @@ the headline plan.
 4. evaluation on the test split: LAVIS's metrics, the relevance-aware ones, the ranking
    correlation; ``results.md``, ``results.json``, ``metrics.png``, ``score_distributions.png``.
 
-Finished runs are reused (``apps.runs``), so an interrupted demo picks up where it stopped.
+Finished runs are reused when trained for the same resolved config, lavis_cprd version and
+checkpoint contents (``apps.run_reuse``), so an interrupted demo picks up where it stopped and
+a changed one retrains.
 """
 from __future__ import annotations
 

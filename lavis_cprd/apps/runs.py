@@ -4,9 +4,11 @@ given, or retrained by the documented two-stage recipe).
 
 Each training run is ``lavis_cprd.apps.train`` (as ``python -m lavis_cprd.apps.train``) in a
 child process of its own, writing into its own folder; a finished run (its
-``checkpoint_best.pth`` exists) is reused, so an interrupted comparison picks up where it
-stopped. The children fork from a server that has imported lavis_cprd once: importing LAVIS
-(torch, torchvision and every LAVIS model) took 7 s of each 31-s run of the embedded default.
+``checkpoint_best.pth`` exists) is reused when it was trained for the same resolved config,
+package version and checkpoint contents (``apps.run_reuse``), so an interrupted comparison
+picks up where it stopped and a changed one retrains what changed. The children fork from a
+server that has imported lavis_cprd once: importing LAVIS (torch, torchvision and every LAVIS
+model) took 7 s of each 31-s run of the embedded default.
 """
 from __future__ import annotations
 
@@ -21,12 +23,13 @@ import subprocess
 import sys
 import time
 from argparse import Namespace
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 from omegaconf import OmegaConf
 
 from lavis_cprd.errors import existing_file
 from lavis_cprd.checkpoints import atomic_write, export_half, load_checkpoint, model_from_checkpoint
+from lavis_cprd.apps.run_reuse import RunDecision, prepare_run_folder, run_request
 from lavis_cprd.paths import ASSETS, EXPERIMENTS
 from lavis_cprd.training.launch import load_config
 
@@ -60,15 +63,22 @@ def common_parser(prog: str, description: str, default_output: str) -> argparse.
     return p
 
 
-def train_run(cfg_path: str, options: Sequence[str], run_dir: str, threads: Optional[int] = None) -> str:
-    """Train (unless already done) into ``run_dir``; return its ``checkpoint_best.pth``.
-    ``threads`` caps the run's CPU threads (for runs side by side)."""
+def train_run(cfg_path: str, options: Sequence[str], run_dir: str, threads: Optional[int] = None,
+              decisions: Optional[List[RunDecision]] = None) -> str:
+    """Train into ``run_dir`` unless it holds a finished run of this same request
+    (``run_reuse.prepare_run_folder``); return its ``checkpoint_best.pth``. ``threads`` caps the
+    run's CPU threads (for runs side by side); ``decisions`` gets whether it was reused and why."""
     final = os.path.join(run_dir, "checkpoint_best.pth")
-    if os.path.isfile(final):
-        log.info("reusing %s", final)
-        return final
     jobs = os.path.join(run_dir, "jobs")
-    argv = ["--cfg-path", cfg_path, "--options", f"run.output_dir={jobs}", *options]
+    overrides = [f"run.output_dir={jobs}", *options]
+    # --resume auto: a run of this same request that was interrupted continues from its last
+    # epoch (only a checkpoint of the same config is ever picked: training.job_folder).
+    argv = ["--cfg-path", cfg_path, "--resume", "auto", "--options", *overrides]
+    decision = prepare_run_folder(run_dir, run_request(cfg_path, overrides, run_dir))
+    if decisions is not None:
+        decisions.append(decision)
+    if decision.reused:
+        return final
     cmd = [sys.executable, "-m", "lavis_cprd.apps.train", *argv]
     log.info("running: %s", " ".join(cmd))
     t0 = time.time()
@@ -126,10 +136,11 @@ def eval_split(cfg_path: str, options: Sequence[str], split: str = "test"):
 load_trained = model_from_checkpoint
 
 
-def ensure_teacher(args: argparse.Namespace, out: str) -> str:
+def ensure_teacher(args: argparse.Namespace, out: str, decisions: Optional[List[RunDecision]] = None) -> str:
     """``--teacher-ckpt``; with ``--retrain-teacher``, the fp16 export of a teacher trained into
-    ``out`` in two stages (reused when done): stage 1 ITC-trains its towers, stage 2 fine-tunes
-    them with BLIP's ITC + ITM; otherwise the packaged teacher."""
+    ``out`` in two stages (each reused when done for the same request, see ``train_run``): stage 1
+    ITC-trains its towers, stage 2 fine-tunes them with BLIP's ITC + ITM; otherwise the packaged
+    teacher."""
     if args.teacher_ckpt is not None:
         return args.teacher_ckpt
     if not args.retrain_teacher:
@@ -139,8 +150,9 @@ def ensure_teacher(args: argparse.Namespace, out: str) -> str:
         warn_if_other_data(args)
         return PACKAGED_TEACHER
     teacher_options = [*args.options, *args.teacher_options]
-    towers = train_run(args.teacher_itc_cfg, teacher_options, os.path.join(out, "teacher_itc"))
-    trained = train_run(args.teacher_cfg, [*teacher_options, f"model.pretrained={towers}"], os.path.join(out, "teacher"))
+    towers = train_run(args.teacher_itc_cfg, teacher_options, os.path.join(out, "teacher_itc"), decisions=decisions)
+    trained = train_run(args.teacher_cfg, [*teacher_options, f"model.pretrained={towers}"], os.path.join(out, "teacher"),
+                        decisions=decisions)
     export = os.path.join(out, "teacher", TEACHER_EXPORT)
     if not os.path.isfile(export) or os.path.getmtime(export) < os.path.getmtime(trained):
         export_half(trained, export)
