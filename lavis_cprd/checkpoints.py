@@ -118,7 +118,9 @@ def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
 
 
 def rng_state() -> Dict[str, Any]:
-    """Every RNG a training step draws from, in a form ``weights_only`` loading accepts."""
+    """Every RNG a training step draws from, in a form ``weights_only`` loading accepts: this
+    process's CPU streams and its own GPU's (the one it trains on; not every visible GPU's, so
+    a resume on a machine that sees fewer GPUs works)."""
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -126,19 +128,50 @@ def rng_state() -> Dict[str, Any]:
                   "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
         "python": random.getstate(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore :func:`rng_state`'s streams. Its tensors may arrive on a GPU (a checkpoint loaded
+    with ``map_location="cuda"``): they are read on the CPU. An older checkpoint's list of every
+    GPU's state restores this process's GPU from its own entry."""
     torch.set_rng_state(state["torch"].cpu())
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    np.random.set_state(("MT19937", n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # every visible GPU's, as saved before
+            index = torch.cuda.current_device()
+            if index >= len(cuda):
+                logging.warning("resume: no saved CUDA RNG state for GPU %d (%d saved); it starts fresh", index, len(cuda))
+                return
+            cuda = cuda[index]
+        torch.cuda.set_rng_state(cuda.cpu())
+
+
+def rank_rng_states() -> list:
+    """Every rank's :func:`rng_state`, in rank order (a collective: call it on every rank)."""
+    from lavis_cprd import distributed
+
+    states = distributed.gather_objects({distributed.get_rank(): rng_state()})
+    return [states[r] for r in sorted(states)]
+
+
+def own_rng_state(checkpoint: Dict[str, Any], rank: int, world_size: int) -> Optional[Dict[str, Any]]:
+    """The RNG state this rank resumes with: its own from ``rng_per_rank`` when the checkpoint
+    was saved by as many ranks; else the saved one (rank 0's), which a run resumed with
+    another number of ranks cannot avoid."""
+    per_rank = checkpoint.get("rng_per_rank")
+    if per_rank and len(per_rank) == world_size:
+        return per_rank[rank]
+    if world_size > 1:
+        logging.warning("resume: the checkpoint holds %s RNG state(s) for %d ranks; every rank starts from rank 0's",
+                        len(per_rank) if per_rank else "no per-rank", world_size)
+    return checkpoint.get("rng")
 
 
 def export_half(src: str, dst: str) -> None:

@@ -71,8 +71,10 @@ def test_checkpoints_load_weights_only_and_carry_resume_state(runs):
     _, job, _, _ = runs
     latest = load_checkpoint(os.path.join(job, "checkpoint_latest.pth"))  # weights_only=True inside
     assert latest["epoch"] == EPOCHS - 1
-    assert {"model", "optimizer", "config", "scaler", "epoch", "rng", "best_agg_metric", "best_epoch"} <= set(latest)
+    assert {"model", "optimizer", "config", "scaler", "epoch", "rng", "rng_per_rank", "best_agg_metric",
+            "best_epoch"} <= set(latest)
     assert set(latest["rng"]) >= {"torch", "numpy", "python"}
+    assert len(latest["rng_per_rank"]) == 1 and torch.equal(latest["rng_per_rank"][0]["torch"], latest["rng"]["torch"])
     best = load_checkpoint(os.path.join(job, "checkpoint_best.pth"))
     assert best["best_agg_metric"] == latest["best_agg_metric"] and best["epoch"] == latest["best_epoch"]
     assert not glob.glob(os.path.join(job, "*.tmp.*"))

@@ -43,7 +43,8 @@ def dual_encoder_sim_matrix(model, data_loader, text_batch_size: int = 256) -> T
 
     image_rows, image_parts = [], []
     for samples in _own_share(data_loader, rank, world):
-        image_rows.append(torch.as_tensor(samples["index"]).long())
+        # On CUDA LAVIS's PrefetchLoader moves ``index`` to the GPU too; the rows index a CPU tensor.
+        image_rows.append(torch.as_tensor(samples["index"]).long().cpu())
         image_parts.append(encode_images(samples["image"].to(device)).float().cpu())
     rows = distributed.gather_objects({rank: (torch.cat(image_rows) if image_rows else torch.zeros(0, dtype=torch.long),
                                        torch.cat(image_parts) if image_parts else torch.zeros(0, text_feats.shape[1]))})

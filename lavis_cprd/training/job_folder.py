@@ -63,6 +63,14 @@ def claim_job_folder(output_root: str, stamp: Optional[str] = None) -> ClaimedJo
         return ClaimedJob(job_id)
 
 
+def shared_job_folder(output_root: str) -> ClaimedJob:
+    """The job folder of this run on every rank: rank 0 claims it, the others are told its name
+    (their clocks may differ, or straddle a second: they never name it themselves)."""
+    from lavis_cprd.distributed import broadcast_object, get_rank
+
+    return ClaimedJob(broadcast_object(claim_job_folder(output_root) if get_rank() == 0 else None))
+
+
 _held: Dict[str, Any] = {}  # job folder -> its open lock file, while this process runs in it
 
 

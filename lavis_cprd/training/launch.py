@@ -68,8 +68,34 @@ def check_names(cfg_path: str, options) -> None:
         raise ConfigError(problems, cfg_path)
 
 
+# How long a collective may wait: rank 0 downloads checkpoints and datasets while the others
+# wait at a barrier (LAVIS's main-process-first), and BLIP-large or COCO can take long.
+DIST_TIMEOUT_MINUTES = 120
+
+
+def ranks_from_slurm(env=os.environ) -> bool:
+    """Under ``srun`` without torchrun, SLURM says each task's rank: RANK, WORLD_SIZE and
+    LOCAL_RANK are set from SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID (else every task would
+    train alone on cuda:0), and MASTER_ADDR/MASTER_PORT default to the node srun was launched
+    from and 29500. False when this is not a multi-task SLURM step or torchrun set the ranks."""
+    if "RANK" in env or int(env.get("SLURM_NTASKS", "1")) < 2 or "SLURM_PROCID" not in env:
+        return False
+    env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in env:
+        if "SLURM_LAUNCH_NODE_IPADDR" not in env:
+            raise RuntimeError("srun started this task without torchrun and without MASTER_ADDR: set MASTER_ADDR "
+                               "(and MASTER_PORT) to the first node of the job, e.g. "
+                               "$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1)")
+        env["MASTER_ADDR"] = env["SLURM_LAUNCH_NODE_IPADDR"]
+    env.setdefault("MASTER_PORT", "29500")
+    return True
+
+
 def init_distributed(run_cfg) -> None:
-    """``torchrun`` sets RANK/WORLD_SIZE/LOCAL_RANK: NCCL on GPUs, gloo otherwise."""
+    """``torchrun`` sets RANK/WORLD_SIZE/LOCAL_RANK (so does ``srun``, through
+    :func:`ranks_from_slurm`): NCCL on GPUs, gloo otherwise."""
+    ranks_from_slurm()
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         run_cfg.distributed = False
         return
@@ -86,7 +112,7 @@ def init_distributed(run_cfg) -> None:
         init_method=run_cfg.get("dist_url", "env://"),
         world_size=run_cfg.world_size,
         rank=run_cfg.rank,
-        timeout=datetime.timedelta(minutes=60),
+        timeout=datetime.timedelta(minutes=float(run_cfg.get("dist_timeout_minutes", DIST_TIMEOUT_MINUTES))),
     )
     torch.distributed.barrier()
     setup_for_distributed(run_cfg.rank == 0)

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import shutil
+from typing import Optional
 
 from lavis.common.dist_utils import get_rank, get_world_size, main_process
 from lavis.common.registry import registry
@@ -27,11 +28,13 @@ from lavis.runners.runner_base import RunnerBase
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from lavis_cprd.checkpoints import BEST, LATEST, PREVIOUS, atomic_save, load_checkpoint, rng_state, set_rng_state
-from lavis_cprd.distributed import broadcast_object, resolve_device
+from lavis_cprd.checkpoints import (
+    BEST, LATEST, PREVIOUS, atomic_save, load_checkpoint, own_rng_state, rank_rng_states, rng_state, set_rng_state,
+)
+from lavis_cprd.distributed import resolve_device
 from lavis_cprd.training import lavis_patches
 from lavis_cprd.training.job_folder import (
-    ClaimedJob, check_resume_fits, claim_job_folder, lock_job_folder, release_job_folder,
+    ClaimedJob, check_resume_fits, lock_job_folder, release_job_folder, shared_job_folder,
 )
 from lavis_cprd.training.sampling import GroupedBatchSampler
 from lavis_cprd.training.task import amp_mode
@@ -121,8 +124,7 @@ class CprdRunner(RunnerBase):
         ten minutes, which two runs in one window shared. Rank 0 claims a new one, unless the
         entry point claimed it already (``--resume auto`` continues a folder), and locks it."""
         if not isinstance(self.job_id, ClaimedJob):
-            root = self.config.run_cfg.output_dir
-            self.job_id = broadcast_object(claim_job_folder(root) if get_rank() == 0 else None)
+            self.job_id = shared_job_folder(self.config.run_cfg.output_dir)
         super().setup_output_dir()
         if get_rank() == 0 and not lock_job_folder(str(self.output_dir)):
             raise RuntimeError(f"job folder {self.output_dir} is in use by another run")
@@ -170,7 +172,7 @@ class CprdRunner(RunnerBase):
             return False
         return cur_epoch < distill.start_epoch < self.max_epoch
 
-    def _checkpoint_state(self, cur_epoch: int) -> dict:
+    def _checkpoint_state(self, cur_epoch: int, rng_per_rank: Optional[list] = None) -> dict:
         model = self.unwrap_dist_model(self.model)
         frozen = {k for k, v in model.named_parameters() if not v.requires_grad}
         return {
@@ -180,7 +182,8 @@ class CprdRunner(RunnerBase):
             "config": self.config.to_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "epoch": cur_epoch,
-            "rng": rng_state(),
+            "rng": rng_per_rank[0] if rng_per_rank else rng_state(),  # rank 0's, as LAVIS-style readers expect
+            "rng_per_rank": rng_per_rank,  # every rank's own streams (latest only: what a resume restores)
             "best_agg_metric": self._best_agg_metric,
             "best_epoch": self._best_epoch,
         }
@@ -200,10 +203,13 @@ class CprdRunner(RunnerBase):
         logging.info("Saving checkpoint at epoch %s to %s.", cur_epoch, path)
         atomic_save(self._checkpoint_state(cur_epoch), path)
 
-    @main_process
     def _save_latest(self, cur_epoch: int) -> None:
+        """Every rank gives its RNG streams (a collective); rank 0 writes."""
+        rngs = rank_rng_states()
+        if get_rank() != 0:
+            return
         latest, previous = os.path.join(self.output_dir, LATEST), os.path.join(self.output_dir, PREVIOUS)
-        state = self._checkpoint_state(cur_epoch)
+        state = self._checkpoint_state(cur_epoch, rngs)
         if os.path.exists(latest):
             os.replace(latest, previous)  # kept until the new one is whole: a torn write falls back to it
         atomic_save(state, latest)
@@ -214,14 +220,16 @@ class CprdRunner(RunnerBase):
         first resumed epoch); the best val score and its checkpoint."""
         if not os.path.isfile(url_or_filename):
             return super()._load_checkpoint(url_or_filename)  # a URL: LAVIS downloads it
-        checkpoint = load_checkpoint(url_or_filename, map_location=self.device)
+        # On the CPU: load_state_dict copies onto each parameter's device, and the RNG states
+        # must be CPU tensors (a CUDA copy of numpy's keys cannot become numpy again).
+        checkpoint = load_checkpoint(url_or_filename, map_location="cpu")
         check_resume_fits(url_or_filename, checkpoint, self.config.to_dict(), self.unwrap_dist_model(self.model))
         self.unwrap_dist_model(self.model).load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scaler and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.start_epoch = int(checkpoint["epoch"]) + 1
-        self._resume_rng = checkpoint.get("rng")
+        self._resume_rng = own_rng_state(checkpoint, get_rank(), get_world_size())
         self._best_agg_metric, self._best_epoch = checkpoint.get("best_agg_metric"), checkpoint.get("best_epoch")
         # A resume into a new job folder brings the best checkpoint along: the final test reloads it.
         source_best = os.path.join(os.path.dirname(os.path.abspath(url_or_filename)), BEST)

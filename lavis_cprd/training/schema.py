@@ -137,6 +137,7 @@ RUN: Dict[str, Key] = {
     "amp_dtype": choice("fp16", "bf16", "auto"),
     "adamw_impl": choice("fused", "foreach", "loop"),
     "skip_nonfinite_loss": FLAG,
+    "dist_timeout_minutes": num(0, open_low=True),
     "group_batches_by": Key(str, nullable=True),
     "text_batch_size": count(1),
     "tensorboard": FLAG,
