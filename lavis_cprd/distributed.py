@@ -1,7 +1,7 @@
 """Distributed helpers that also work (as identities) in a single process, and the device choice."""
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -70,3 +70,26 @@ __all__ = [
     "gather_with_grad", "gather_no_grad", "gather_strings", "gather_objects", "broadcast_object", "all_reduce_sum", "rank_offset",
     "get_rank", "get_world_size", "resolve_device",
 ]
+
+
+def gather_rows(x: torch.Tensor) -> Tuple[torch.Tensor, List[int]]:
+    """All ranks' ``x`` concatenated in rank order, however many rows each holds (same trailing
+    shape and dtype, on the process group's device), and each rank's row count. Every rank must
+    call it. Two collectives: the counts, then the rows padded to the largest count (skipped
+    when no rank has a row)."""
+    if not is_dist_avail_and_initialized():
+        return x, [len(x)]
+    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(get_world_size())]
+    dist.all_gather(counts, torch.tensor([len(x)], dtype=torch.long, device=x.device))
+    sizes = [int(c) for c in counts]
+    longest = max(sizes)
+    if longest == 0:
+        return x, sizes
+    padded = x.new_zeros((longest, *x.shape[1:]))
+    padded[: len(x)] = x
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)]), sizes
+
+
+__all__ += ["gather_rows"]

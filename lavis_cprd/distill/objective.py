@@ -21,6 +21,7 @@ from lavis_cprd.distill.cache_integrity import check_teacher_identity, teacher_i
 from lavis_cprd.distill.config import DistillConfig
 from lavis_cprd.distill.mining import all_negatives, first_occurrence_mask, mine_hard_negatives
 from lavis_cprd.distill.registry import Direction, get_loss
+from lavis_cprd.distill.sharded_scoring import score_where_images_live
 from lavis_cprd.distill.teacher_cache import TeacherScoreCache, TeacherScoreRecord
 from lavis_cprd.teachers import FrozenTeacher, build_teacher, teacher_class
 from lavis_cprd.teachers.registry import DEFAULT_TEACHERS
@@ -148,7 +149,8 @@ class DistillObjective:
         """``(distillation loss, mean number of negatives used per query)``; the student gives
         its logits' temperature (``distill_temperature``). Candidates come
         from the gathered batch, queries are this rank's; each query's candidates (K mined
-        hard negatives, or every negative) and its positive are scored in one teacher call."""
+        hard negatives, or every negative) and its positive are scored by the teachers of the
+        ranks that hold their images (``sharded_scoring``), one teacher call a rank."""
         cfg = self.cfg
         image_ids, image_ids_all = step.image_ids, step.image_ids_all
         b, offset = step.image.shape[0], distributed.rank_offset(step.image.shape[0])
@@ -173,15 +175,14 @@ class DistillObjective:
             neg_texts, mask_texts = all_negatives(sim_i2t[image_queries], image_ids[image_queries], image_ids_all, in_scope)
             neg_images, mask_images = all_negatives(sim_t2i, image_ids, image_ids_all, unique_all & in_scope)
 
-        # One teacher call over the gathered batch; pairs are (image, caption) global indices.
+        # Pairs are (image, caption) global indices; each is scored on the rank holding its image.
         q_i, q_t = image_queries + offset, local + offset
         # Positive pairs are scored only when the loss reads them (a fifth of the pairs at K = 4).
         pos_i = None if cfg.uses_teacher_positive else torch.zeros_like(q_i.view(-1, 1), dtype=torch.bool)
         pos_t = None if cfg.uses_teacher_positive else torch.zeros_like(q_t.view(-1, 1), dtype=torch.bool)
         z_i2t, z_t2i, z_pos_i, z_pos_t = self._teacher_logits(
-            distributed.gather_no_grad(step.image),
+            step,
             distributed.gather_strings(step.captions),
-            image_ids_all,
             [
                 (q_i.view(-1, 1).expand_as(neg_texts), neg_texts, mask_texts),  # image query, negative text
                 (neg_images, q_t.view(-1, 1).expand_as(neg_images), mask_images),  # negative image, text query
@@ -213,9 +214,9 @@ class DistillObjective:
         return loss, used, counts[0] / counts[1].clamp(min=1)
 
     # ------------------------------------------------------------- pair scoring
-    def _teacher_logits(self, images_all, captions_all, image_ids_all, blocks) -> List[torch.Tensor]:
+    def _teacher_logits(self, step: Step, captions_all: List[str], blocks) -> List[torch.Tensor]:
         """Teacher logits ``log p1 - log p0`` for blocks of ``(image idx, caption idx, mask)``
-        index tensors of one shape each: one teacher call over the masked-in pairs, 0 elsewhere.
+        global index tensors of one shape each: the masked-in pairs scored once, 0 elsewhere.
         Pairs found in ``distill.teacher_cache`` are read from it; the teacher scores the rest."""
         flat = []
         for i, t, m in blocks:
@@ -224,26 +225,37 @@ class DistillObjective:
         pairs = torch.cat([torch.stack([i[m], t[m]], 1) for i, t, m, _ in flat])
         # The two directions share many pairs (all of them when every negative is used).
         unique_pairs, inverse = torch.unique(pairs, dim=0, return_inverse=True)
-        logits = self._score_pairs(images_all, captions_all, image_ids_all, unique_pairs)[inverse]
+        logits = self._score_pairs(step, captions_all, unique_pairs)[inverse]
         chunks = logits.split([int(m.sum()) for _, _, m, _ in flat])
         return [logits.new_zeros(m.shape).masked_scatter(m, c).view(shape) for (_, _, m, shape), c in zip(flat, chunks)]
 
-    def _score_pairs(self, images_all, captions_all, image_ids_all, pairs) -> torch.Tensor:
+    def _score_pairs(self, step: Step, captions_all: List[str], pairs: torch.Tensor) -> torch.Tensor:
         if self.device is None:  # built outside the task (no start-up): the teacher runs where the batch is
-            self.device = images_all.device
+            self.device = step.image.device
         cache = self.teacher_cache
         if cache is None:
-            logits = self.teacher.logit(images_all, captions_all, pairs, image_ids=image_ids_all)
-            self._remember(image_ids_all, captions_all, pairs, logits)
-            return logits
-        logits, hit = cache.lookup(image_ids_all[pairs[:, 0]], [captions_all[j] for j in pairs[:, 1].tolist()])
-        logits, hit = logits.to(images_all.device), hit.to(images_all.device)
-        if not bool(hit.all()):  # the teacher is built only when some pair is missing
-            logits[~hit] = self.teacher.logit(images_all, captions_all, pairs[~hit], image_ids=image_ids_all)
-            self._remember(image_ids_all, captions_all, pairs[~hit], logits[~hit])
+            return self._score_on_image_ranks(step, captions_all, pairs)
+        logits, hit = cache.lookup(step.image_ids_all[pairs[:, 0]], [captions_all[j] for j in pairs[:, 1].tolist()])
+        logits, hit = logits.to(step.image.device), hit.to(step.image.device)
+        # Called with no miss too: another rank's misses may need this rank's images.
+        logits[~hit] = self._score_on_image_ranks(step, captions_all, pairs[~hit])
         self.cache_hit_rate = hit.float().mean().detach()
         return logits
 
-    def _remember(self, image_ids_all, captions_all, pairs, logits) -> None:
+    def _score_on_image_ranks(self, step: Step, captions_all: List[str], pairs: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits of ``pairs`` (global indices), each computed on the rank that
+        holds its image (``sharded_scoring``): the teacher sees this rank's images only."""
+
+        def score_local(local_pairs: torch.Tensor) -> torch.Tensor:
+            teacher = self.teacher  # built when any rank has a pair: on all ranks in the same step
+            if len(local_pairs) == 0:
+                return torch.zeros(0, dtype=torch.float32, device=step.image.device)
+            logits = teacher.logit(step.image, captions_all, local_pairs, image_ids=step.image_ids)
+            self._remember(step.image_ids, captions_all, local_pairs, logits)  # each pair on one rank
+            return logits
+
+        return score_where_images_live(pairs, step.image.shape[0], score_local)
+
+    def _remember(self, image_ids, captions_all, pairs, logits) -> None:
         if self._record is not None:
-            self._record.add(image_ids_all[pairs[:, 0]], [captions_all[j] for j in pairs[:, 1].tolist()], logits)
+            self._record.add(image_ids[pairs[:, 0]], [captions_all[j] for j in pairs[:, 1].tolist()], logits)
