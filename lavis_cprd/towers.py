@@ -6,17 +6,29 @@ LAVIS's ``VisionTransformerEncoder.from_config`` only knows ``base``/``large``;
 ``vit_width``, ``vit_depth``, ``vit_heads``). Text towers start from LAVIS's
 ``med_config_path`` and take ``text_width/text_depth/text_heads/text_intermediate/text_dropout``
 (and ALBEF's ``text_fusion_layer``) overrides.
+
+ViT gradient checkpointing (``vit_grad_ckpt``, ``vit_ckpt_layer``) is ours, not LAVIS's
+fairscale one: fairscale's ``checkpoint_wrapper`` records only CUDA's autocast flag and
+recomputes under ``torch.cuda.amp.autocast(True)`` (fp16), so under bf16 autocast the
+recomputed blocks ran and back-propagated in fp16 with no loss scaler (and in fp32 under CPU
+autocast). ``checkpoint_vit_blocks`` recomputes with ``torch.utils.checkpoint``'s
+non-reentrant mode, which restores every device's autocast state (and the RNG) as the forward
+had it. (fairscale's wrapper also bound a deep copy of the encoder, e.g. BLIP's momentum encoder,
+to the original's weights.)
 """
 from __future__ import annotations
 
+import copy
+import weakref
 from typing import List, Optional
 
 import torch
+import torch.utils.checkpoint
 from lavis.common.utils import get_abs_path
 from lavis.models.clip_models.model import CLIP
 from lavis.models.med import BertConfig, XBertEncoder
 from lavis.models.vit import VisionTransformerEncoder
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from lavis_cprd.tokenization import resolve_tokenizer_path
 
@@ -25,7 +37,54 @@ BLIP_VOCAB_SIZE = 30524  # bert-base-uncased + [DEC] + [ENC]
 DEFAULT_MED_CONFIG = "configs/models/med_config.json"
 
 
+class _Recomputed:
+    """A module's own ``forward`` with its activations recomputed in backward (when grad is on),
+    set as the module's instance ``forward``: parameter names and state-dict keys do not change.
+
+    It holds the module weakly (no module -> forward -> module cycle, as fairscale's wrapper).
+    Unlike fairscale's, a deep copy of the module (BLIP's momentum encoders are ``deepcopy``s
+    of the online ones) recomputes with the copy's own weights, not the original's."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.forward = type(module).forward
+        self.module = weakref.ref(module)
+
+    def __call__(self, *args, **kwargs):
+        module = self.module()
+        if not torch.is_grad_enabled():
+            return self.forward(module, *args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(self.forward, module, *args, use_reentrant=False, **kwargs)
+
+    def __deepcopy__(self, memo):
+        module = self.module()
+        return _Recomputed(memo.get(id(module), module))  # the copy of the module, when one is being made
+
+
+def checkpoint_vit_blocks(encoder: VisionTransformerEncoder, ckpt_layer: int) -> VisionTransformerEncoder:
+    """Gradient checkpointing of the last ``ckpt_layer`` blocks' attention and MLP (what LAVIS's
+    ``use_grad_checkpointing`` wraps), through non-reentrant ``torch.utils.checkpoint``, in place."""
+    depth, n = len(encoder.blocks), max(0, int(ckpt_layer))
+    for block in list(encoder.blocks)[max(0, depth - n):] if n else []:  # LAVIS: block i >= depth - ckpt_layer
+        for module in (block.attn, block.mlp):
+            if "forward" in vars(module):
+                raise ValueError(f"{type(module).__name__} of a ViT block is already wrapped (fairscale?)")
+            module.forward = _Recomputed(module)
+    return encoder
+
+
 def build_vision_encoder(cfg) -> VisionTransformerEncoder:
+    """LAVIS's ViT for ``cfg``; ``vit_grad_ckpt`` through ``checkpoint_vit_blocks``, never
+    LAVIS's fairscale wrapper (module docstring)."""
+    plain = copy.deepcopy(cfg) if OmegaConf.is_config(cfg) else OmegaConf.create(dict(cfg))
+    with open_dict(plain):
+        plain.vit_grad_ckpt = False
+    encoder = _build_vision_encoder(plain)
+    if bool(cfg.get("vit_grad_ckpt", False)):
+        checkpoint_vit_blocks(encoder, int(cfg.get("vit_ckpt_layer", 0)))
+    return encoder
+
+
+def _build_vision_encoder(cfg) -> VisionTransformerEncoder:
     vit_type = cfg.get("vit_type", "base")
     if vit_type in ("base", "large"):
         return VisionTransformerEncoder.from_config(cfg)
@@ -41,8 +100,6 @@ def build_vision_encoder(cfg) -> VisionTransformerEncoder:
         embed_dim=width,
         depth=int(cfg.vit_depth),
         num_heads=int(cfg.vit_heads),
-        use_grad_checkpointing=bool(cfg.get("vit_grad_ckpt", False)),
-        ckpt_layer=int(cfg.get("vit_ckpt_layer", 0)),
         drop_path_rate=float(cfg.get("vit_drop_path_rate", 0.0)),
     )
     encoder.vision_width = width
