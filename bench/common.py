@@ -100,6 +100,50 @@ def measure(fn):
     return out, time.perf_counter() - t0, max(0, _vm("VmHWM:") - base)
 
 
+def measure_on(fn, device) -> tuple:
+    """``(result, wall seconds, peak bytes)`` of one call of ``fn``: on a GPU, synchronised, with
+    the peak of ``torch.cuda.max_memory_allocated`` above what was allocated at the start; on
+    CPU, ``measure``'s resident-set rise."""
+    if torch.device(device).type != "cuda":
+        return measure(fn)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - t0, max(0, torch.cuda.max_memory_allocated() - base)
+
+
+def release(device) -> None:
+    """Free what a finished measurement left: Python garbage, compiled graphs (which hold
+    their models), and the CUDA caching allocator's blocks; zero the CUDA peak counter."""
+    import gc
+
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def full_cache(model, batch):
+    """A ``TeacherScoreCache`` of every (image, caption) pair of ``batch``, scored once by
+    ``model``'s teacher: a cached step's floor (hit rate 1.0)."""
+    from lavis_cprd.distill.teacher_cache import TeacherScoreCache
+
+    n = len(batch["text_input"])
+    pairs = torch.cartesian_prod(torch.arange(n), torch.arange(n)).to(batch["image"].device)
+    with torch.no_grad():
+        logits = model.teacher.logit(batch["image"], batch["text_input"], pairs).float().cpu()
+    captions = list(dict.fromkeys(batch["text_input"]))
+    index = {c: i for i, c in enumerate(captions)}
+    image_ids = batch["image_id"].cpu()[pairs[:, 0].cpu()]
+    cap = torch.tensor([index[batch["text_input"][j]] for j in pairs[:, 1].tolist()])
+    return TeacherScoreCache(captions, image_ids, cap, logits)
+
+
 def write_json(path: Optional[str], result: dict) -> None:
     if path:
         with open(path, "w") as f:

@@ -2,6 +2,7 @@
 
     python bench/teacher_cost.py                      # CPU, tiny sizes (the embedded default's)
     python bench/teacher_cost.py --size base --device cuda --precision bf16   # BLIP-base, 384 px
+    python bench/teacher_cost.py --json out.json   # also as JSON
 
 Each variant runs the same student, batch and optimizer; times are medians over --steps
 steps after --warmup, measured in one process so the ratios compare like with like. The
@@ -25,9 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from omegaconf import OmegaConf  # noqa: E402
 
 import lavis_cprd  # noqa: E402,F401
-from bench.common import TOKENIZER, make_batch, student_config  # noqa: E402
+from bench.common import TOKENIZER, full_cache, make_batch, student_config, write_json  # noqa: E402
 from lavis_cprd.models.dual_encoder import CprdDualEncoder  # noqa: E402
-from lavis_cprd.distill.teacher_cache import TeacherScoreCache  # noqa: E402
 
 
 def model_config(size: str, loss: str, precision: str):
@@ -42,18 +42,6 @@ def model_config(size: str, loss: str, precision: str):
     cfg.distill.teacher.checkpoint = ""
     cfg.distill.teacher.precision = precision
     return cfg
-
-
-def full_cache(model, batch) -> TeacherScoreCache:
-    """Every (image, caption) pair of the batch, scored once by the teacher."""
-    n = len(batch["text_input"])
-    pairs = torch.cartesian_prod(torch.arange(n), torch.arange(n)).to(batch["image"].device)
-    logits = model.teacher.logit(batch["image"], batch["text_input"], pairs).cpu()
-    captions = list(dict.fromkeys(batch["text_input"]))
-    index = {c: i for i, c in enumerate(captions)}
-    image_ids = batch["image_id"].cpu()[pairs[:, 0].cpu()]
-    cap = torch.tensor([index[batch["text_input"][j]] for j in pairs[:, 1].tolist()])
-    return TeacherScoreCache(captions, image_ids, cap, logits)
 
 
 def one_step(model, batch, opt, device) -> float:
@@ -83,6 +71,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=None, help="default: 32 (tiny), 64 (base)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", default=None, help="also write the medians (and the settings) here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     batch_size = args.batch_size or (32 if args.size == "tiny" else 64)
@@ -114,6 +103,8 @@ def main(argv=None) -> dict:
         print(f"{name:<12} {t:8.3f} {t / base:13.2f}")
     print(f"teacher share of an online step: {100 * (results['online'] - base) / results['online']:.0f}%; "
           f"cached step / online step: {results['cached'] / results['online']:.2f}")
+    write_json(args.json, {"size": args.size, "device": str(device), "precision": args.precision,
+                           "batch_size": batch_size, "image_size": image_size, "steps": args.steps, "median_s": results})
     return results
 
 

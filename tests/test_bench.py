@@ -89,3 +89,63 @@ def test_data_loading_bench_reports_loader_and_step_rates(tmp_path):
     result = json.loads(out.read_text())
     assert set(result["workers"]) == {"0", "1"} and result["batch_size"] == 8
     assert _positive([v for w in result["workers"].values() for v in w.values()] + [result["step_s_in_memory"]])
+
+
+def test_step_breakdown_measures_each_variant_alone_and_ckpt_follows_the_config(monkeypatch):
+    import argparse
+    import weakref
+
+    breakdown = importlib.import_module("bench.step_breakdown")
+    # The ckpt variant recomputes the config's blocks: BLIP-base's last 4; every block where the
+    # config names none (tiny); --ckpt-layer wins.
+    options = dict(k=2, ckpt_layer=None)
+    assert breakdown.config(argparse.Namespace(size="base", **options), {"fused", "ckpt"}).vit_ckpt_layer == 4
+    assert breakdown.config(argparse.Namespace(size="tiny", **options), {"ckpt"}).vit_ckpt_layer >= 1000
+    assert breakdown.config(argparse.Namespace(size="tiny", k=2, ckpt_layer=1), {"ckpt"}).vit_ckpt_layer == 1
+    assert breakdown.config(argparse.Namespace(size="tiny", **options), {"itc"}).distill.loss == "none"
+
+    alive = []
+    real_build = breakdown.build
+
+    def build_alone(args, parts, cache=None):
+        assert all(ref() is None for ref in alive), "a model of an earlier variant is still held"
+        model = real_build(args, parts, cache)
+        alive.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(breakdown, "build", build_alone)
+    result = breakdown.main(["--batch-size", "8", "--k", "2", "--variants", "fused+itc,fused+cached,fused+ckpt",
+                             "--steps", "1", "--warmup", "1", "--breakdown", "fused+cached"])
+    assert len(alive) == 4  # the cache's teacher-scoring model, then one per variant
+    assert set(result["median_s"]) == set(result["step_peak_bytes"]) == {"fused+itc", "fused+cached", "fused+ckpt"}
+    # Every pair of the batch was cached: the cached step never built (nor ran) its teacher.
+    assert "teacher scoring" not in result["breakdown_s"] and result["breakdown_s"]["student encoders (forward)"] > 0
+
+
+def test_gpu_kit_spacy_standin_and_summary(tmp_path):
+    """The GPU kit's pieces that run without a GPU: the spaCy stand-in wheel imports and refuses
+    any use; the summary marks a run passed only when every step passed."""
+    import zipfile
+
+    standin = importlib.import_module("bench.gpu.spacy_standin")
+    wheel = standin.build(str(tmp_path))
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(tmp_path / "site")
+    probe = "import spacy\ntry:\n    spacy.load\nexcept AttributeError as e:\n    print('refused:', e)\n"
+    out = subprocess.run([sys.executable, "-c", probe], env=dict(os.environ, PYTHONPATH=str(tmp_path / "site")),
+                         capture_output=True, text=True, check=True).stdout
+    assert out.startswith("refused: spacy.load: this is lavis-cprd's GPU-kit stand-in")
+
+    report = importlib.import_module("bench.gpu.kit_report")
+    steps, jsons = tmp_path / "steps.jsonl", tmp_path / "json"
+    jsons.mkdir()
+    (jsons / "smoke.json").write_text(json.dumps({"passed": True}))
+    steps.write_text("\n".join(json.dumps(s) for s in [
+        {"step": "install", "status": "passed", "rc": 0, "seconds": 1.0, "timeout_s": None},
+        {"step": "smoke", "status": "passed", "rc": 0, "seconds": 2.0, "timeout_s": 10},
+        {"step": "retrieval", "status": "timed_out", "rc": 124, "seconds": 3.0, "timeout_s": 3}]) + "\n")
+    out = tmp_path / "summary.json"
+    assert report.main(["summary", "--steps", str(steps), "--json-dir", str(jsons), "--out", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["passed"] == {"install": True, "smoke": True, "retrieval": False} and not summary["all_passed"]
+    assert summary["steps"][1]["result"] == {"passed": True} and summary["total_s"] == 6.0
