@@ -7,6 +7,7 @@ runs, so ``lavis-cprd --help`` answers at once.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import List, Optional
 
@@ -39,7 +40,21 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(usage())
         sys.exit(0 if argv[:1] in ([], ["-h"], ["--help"]) else 2)
     module, _, function = COMMANDS[argv[0]][0].partition(":")
-    getattr(importlib.import_module(module), function or "main")(argv[1:])
+    try:
+        getattr(importlib.import_module(module), function or "main")(argv[1:])
+    except Exception as e:  # a config's problems are the whole message: no traceback before it
+        if os.environ.get(DEBUG) or not _is_config_error(e):
+            raise
+        print(f"lavis-cprd {argv[0]}: {e}\n(set {DEBUG}=1 to see the traceback)", file=sys.stderr)
+        sys.exit(2)
+
+
+DEBUG = "LAVIS_CPRD_DEBUG"
+
+
+def _is_config_error(error: BaseException) -> bool:
+    """``lavis_cprd.errors.ConfigError``, by name: importing it here would import LAVIS first."""
+    return any(c.__name__ == "ConfigError" and c.__module__ == "lavis_cprd.errors" for c in type(error).__mro__)
 
 
 if __name__ == "__main__":

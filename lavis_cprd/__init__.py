@@ -12,16 +12,17 @@ registers lavis-cprd's own entries into LAVIS's registry:
   ``blip2_image_text_matching``, ``albef_retrieval``; dual encoders ``blip_feature_extractor``,
   ``clip_feature_extractor``, ``cprd_dual_encoder``
 """
-from lavis_cprd.environment import import_lavis
+from lavis_cprd.environment import import_lavis, quiet_lavis_import
 
-import_lavis()  # registers LAVIS's tasks, models, processors, builders, runners, lr schedulers
+with quiet_lavis_import():  # LAVIS's import-time FutureWarnings (environment.LAVIS_IMPORT_WARNINGS)
+    import_lavis()  # registers LAVIS's tasks, models, processors, builders, runners, lr schedulers
 
-from lavis_cprd import teachers  # noqa: F401,E402
-from lavis_cprd.datasets.builders import ShapesBuilder  # noqa: F401,E402
-from lavis_cprd.models.blip_retrieval import CprdBlipRetrieval  # noqa: F401,E402
-from lavis_cprd.models.dual_encoder import CprdDualEncoder  # noqa: F401,E402
-from lavis_cprd.models.clip_student import CprdClipDualEncoder  # noqa: F401,E402
-from lavis_cprd.training.runner import CprdRunner  # noqa: F401,E402
-from lavis_cprd.training.task import CprdRetrievalTask  # noqa: F401,E402
+    from lavis_cprd import teachers  # noqa: F401,E402
+    from lavis_cprd.datasets.builders import ShapesBuilder  # noqa: F401,E402
+    from lavis_cprd.models.blip_retrieval import CprdBlipRetrieval  # noqa: F401,E402
+    from lavis_cprd.models.dual_encoder import CprdDualEncoder  # noqa: F401,E402
+    from lavis_cprd.models.clip_student import CprdClipDualEncoder  # noqa: F401,E402
+    from lavis_cprd.training.runner import CprdRunner  # noqa: F401,E402
+    from lavis_cprd.training.task import CprdRetrievalTask  # noqa: F401,E402
 
 __version__ = "0.1.0"

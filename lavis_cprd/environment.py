@@ -6,9 +6,12 @@ install on new Pythons. So a package LAVIS imports can be missing; this says whi
 to get it, instead of a bare ``ModuleNotFoundError`` from inside LAVIS."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
+import warnings
 from types import ModuleType
+from typing import Iterator
 
 SUPPORTED_PYTHONS = ((3, 11), (3, 12), (3, 13))
 LAVIS_PIN = "salesforce-lavis==1.0.2"
@@ -28,13 +31,34 @@ def python_problem(version=None) -> str:
             f"e.g. PYTHON=python3.12 bash run_scripts/install.sh")
 
 
+# FutureWarnings that importing LAVIS 1.0.2 prints on every command, none about the user's
+# code or ours: timm 1.0 deprecated the module paths LAVIS imports from (timm.models.hub,
+# .registry, .layers, .helpers), and transformers 4.36 (pinned for LAVIS) registers every
+# ModelOutput class (LAVIS's, and our student's output) through torch's deprecated private
+# pytree function. Ignored only while lavis_cprd and LAVIS import (``quiet_lavis_import``).
+LAVIS_IMPORT_WARNINGS = (
+    (FutureWarning, r"Importing from timm\.models\.\w+ is deprecated"),
+    (FutureWarning, r"`torch\.utils\._pytree\._register_pytree_node` is deprecated"),
+)
+
+
+@contextlib.contextmanager
+def quiet_lavis_import() -> Iterator[None]:
+    """:data:`LAVIS_IMPORT_WARNINGS` ignored inside; every other warning as the user set it."""
+    with warnings.catch_warnings():
+        for category, message in LAVIS_IMPORT_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        yield
+
+
 def import_lavis() -> ModuleType:
     """``import lavis`` (and its runners and lr schedulers, which ``import lavis`` leaves out);
     a missing package is named, with the command that installs it."""
     try:
-        lavis = importlib.import_module("lavis")
-        importlib.import_module("lavis.common.optims")
-        importlib.import_module("lavis.runners")
+        with quiet_lavis_import():
+            lavis = importlib.import_module("lavis")
+            importlib.import_module("lavis.common.optims")
+            importlib.import_module("lavis.runners")
     except ModuleNotFoundError as e:
         top = (e.name or "").split(".")[0]
         if not top or top == "lavis_cprd":

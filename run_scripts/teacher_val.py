@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from lavis_cprd.apps.compare import teacher_metrics  # noqa: E402
 from lavis_cprd.apps.runs import STUDENT_CFG, eval_split, load_trained  # noqa: E402
-from lavis_cprd.relevance import dataset_relevance  # noqa: E402
+from lavis_cprd.datasets.true_matches import dataset_relevance  # noqa: E402
 from lavis_cprd.teachers import BlipITMTeacher  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

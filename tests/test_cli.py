@@ -48,3 +48,41 @@ def test_unknown_command_lists_the_choices(capsys):
     with pytest.raises(SystemExit) as done:
         cli.main(["trian"])
     assert done.value.code == 2 and "unknown command 'trian'" in capsys.readouterr().err
+
+
+def test_demo_help_is_demos_own(capsys):
+    """Before: ``lavis-cprd demo --help`` printed ``usage: lavis-cprd compare``."""
+    with pytest.raises(SystemExit) as done:
+        cli.main(["demo", "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and out.startswith("usage: lavis-cprd demo") and "default: output/demo" in out
+
+
+def test_a_bad_config_prints_its_problems_alone_with_status_2(capsys, monkeypatch):
+    """Before: a full traceback came first, its good message last."""
+    import os
+
+    from conftest import REPO
+    from lavis_cprd.errors import ConfigError
+
+    cfg = os.path.join(REPO, "configs", "cprd_tiny_shapes.yaml")
+    monkeypatch.delenv("LAVIS_CPRD_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as done:
+        cli.main(["train", "--cfg-path", cfg, "--options", "run.max_epochs=3"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "Traceback" not in err
+    assert err.startswith("lavis-cprd train: ") and "unknown key run.max_epochs (did you mean 'max_epoch'" in err
+    monkeypatch.setenv("LAVIS_CPRD_DEBUG", "1")
+    with pytest.raises(ConfigError, match="run.max_epochs"):  # the debug switch lets it through
+        cli.main(["train", "--cfg-path", cfg, "--options", "run.max_epochs=3"])
+
+
+def test_rerank_with_a_dual_encoder_teacher_is_a_clear_error():
+    """Before: ``search --rerank`` on a ConaCLIP student died in ``model.teacher.score``."""
+    from conftest import tiny_model_cfg
+    from lavis_cprd.apps.serving import rerank_problem
+    from lavis_cprd.models.dual_encoder import CprdDualEncoder
+
+    conaclip = CprdDualEncoder.from_config(tiny_model_cfg(loss="conaclip", teacher={"checkpoint": ""}))
+    assert "model.distill.loss='conaclip'" in rerank_problem(conaclip) and "search without --rerank" in rerank_problem(conaclip)
+    assert rerank_problem(CprdDualEncoder.from_config(tiny_model_cfg(loss="cprd"))) is None

@@ -127,7 +127,8 @@ def test_oracle_runs_and_relevance_metrics(compare_run):
     from torch.utils.data import DataLoader
 
     from lavis_cprd.apps.runs import eval_split, load_trained
-    from lavis_cprd.relevance import dataset_relevance, relevance_metrics
+    from lavis_cprd.datasets.true_matches import dataset_relevance
+    from lavis_cprd.relevance import relevance_metrics
     from lavis_cprd.teachers import BlipITMTeacher
 
     dataset, _ = eval_split("configs/cprd_tiny_shapes.yaml", STUDENT_OPTIONS)
@@ -249,7 +250,7 @@ def test_score_statistics_equal_direct_teacher_scoring(compare_run):
 
     from lavis_cprd.apps.reporting import kendall_tau_on_hard_negatives, score_distributions
     from lavis_cprd.apps.runs import eval_split, load_trained
-    from lavis_cprd.relevance import dataset_relevance
+    from lavis_cprd.datasets.true_matches import dataset_relevance
     from lavis_cprd.teachers import BlipITMTeacher
 
     out, results = compare_run

@@ -122,3 +122,17 @@ def test_unsupported_pythons_and_missing_packages_name_the_fix(monkeypatch):
     monkeypatch.setattr(environment.importlib, "import_module", missing)
     with pytest.raises(ImportError, match=r"the package 'opencv-python-headless' is not installed\. Run bash run_scripts/install.sh"):
         environment.import_lavis()
+
+
+def test_importing_lavis_prints_none_of_its_own_warnings_and_lets_others_through():
+    """Before: every command printed eight FutureWarnings from LAVIS's imports (timm's deprecated
+    paths, transformers 4.36's pytree registration)."""
+    import subprocess
+    import sys
+
+    code = ("import warnings; warnings.simplefilter('default')\n"
+            "import lavis_cprd\n"
+            "warnings.warn('Importing from timm.models.hub is deprecated, ours', FutureWarning)")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stderr
+    assert "Importing from timm.models.hub is deprecated, please import" not in err and "_register_pytree_node" not in err
+    assert "ours" in err  # the filter is scoped to LAVIS's import: later warnings print

@@ -157,7 +157,7 @@ def test_partial_mode_records_exactly_the_true_matches(tmp_path):
     parse of the scene finds, and LAVIS still annotates one source image per caption."""
     from types import SimpleNamespace
 
-    from lavis_cprd.relevance import dataset_relevance
+    from lavis_cprd.datasets.true_matches import dataset_relevance
 
     spec = shapes.ShapesSpec(seed=5, num_train=12, num_val=30, num_test=30, image_size=24, captions="partial")
     paths = shapes.generate(str(tmp_path), spec)
@@ -183,7 +183,7 @@ def test_partial_mode_records_exactly_the_true_matches(tmp_path):
 def test_relevance_is_computed_once_per_split_and_again_for_new_annotations(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from lavis_cprd import relevance as rel
+    from lavis_cprd.datasets import true_matches as rel
 
     spec = shapes.ShapesSpec(seed=5, num_train=12, num_val=6, num_test=6, image_size=24, captions="partial")
     ann = json.load(open(shapes.generate(str(tmp_path), spec)["val"]))

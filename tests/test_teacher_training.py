@@ -178,7 +178,7 @@ def test_packaged_teacher_loads_in_the_itm_adapter_and_beats_a_random_one_on_val
 
     from lavis_cprd.apps.compare import teacher_metrics
     from lavis_cprd.apps.runs import PACKAGED_TEACHER, STUDENT_CFG, eval_split
-    from lavis_cprd.relevance import dataset_relevance
+    from lavis_cprd.datasets.true_matches import dataset_relevance
     from lavis_cprd.teachers.blip_itm import architecture_from_checkpoint
 
     dataset, _ = eval_split(STUDENT_CFG, [], "val")

@@ -26,7 +26,8 @@ import torch
 from lavis_cprd.apps.run_reuse import RunDecision, summarize_decisions
 from lavis_cprd.apps.runs import common_parser, ensure_teacher, eval_split, load_trained, train_run
 from lavis_cprd.distill.registry import get_loss, list_losses
-from lavis_cprd.relevance import dataset_relevance, relevance_metrics
+from lavis_cprd.datasets.true_matches import dataset_relevance
+from lavis_cprd.relevance import relevance_metrics
 from lavis_cprd.apps.reporting import (
     ScoreTable,
     checkpoint_label,
@@ -46,8 +47,10 @@ log = logging.getLogger("lavis_cprd.apps.compare")
 LABEL_BASELINE = "ITC only (baseline)"
 
 
-def parse_args(argv: Optional[List[str]]):
-    p = common_parser("lavis-cprd compare", __doc__.split("\n\n")[0], "output/compare")
+def parse_args(argv: Optional[List[str]], prog: str = "lavis-cprd compare", description: Optional[str] = None,
+               default_output: str = "output/compare"):
+    """``compare``'s flags; ``demo`` shows them under its own name, description and output folder."""
+    p = common_parser(prog, description or __doc__.split("\n\n")[0], default_output)
     p.add_argument("--methods", nargs="+", default=list_losses(), help="losses to train (default: all)")
     p.add_argument("--weights", type=float, nargs="*", default=[0.5, 2.0], help="extra CPRD weights to sweep")
     p.add_argument("--ks", type=int, nargs="*", default=[2, 8], help="extra CPRD numbers of hard negatives to sweep")
@@ -256,8 +259,9 @@ def evaluate(args, out: str, teacher_ckpt: str, ckpts: Dict[str, Dict[int, str]]
             "device": str(device)}
 
 
-def main(argv: Optional[List[str]] = None) -> Dict:
-    args = parse_args(argv)
+def main(argv: Optional[List[str]] = None, **parser_options) -> Dict:
+    """``parser_options``: ``parse_args``'s ``prog``, ``description``, ``default_output`` (``demo``'s)."""
+    args = parse_args(argv, **parser_options)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(levelname)s] %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = os.path.abspath(args.output)

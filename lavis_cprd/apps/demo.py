@@ -42,7 +42,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         at = headline.index("--oracle")
         kept = [m for m in headline[at + 1:at + 2] if m in given.methods]
         headline[at:at + 2] = ["--oracle", *kept] if kept else []
-    return compare.main([*headline, "--output", "output/demo", *argv])
+    return compare.main([*headline, *argv], prog="lavis-cprd demo", description=__doc__.split("\n\n")[0],
+                        default_output="output/demo")
 
 
 if __name__ == "__main__":

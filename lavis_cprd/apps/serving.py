@@ -326,6 +326,17 @@ def search(model, index, paths: Sequence[str], queries: Sequence[str], k: int) -
 
 
 @torch.no_grad()
+def rerank_problem(model) -> Optional[str]:
+    """Why ``--rerank`` cannot re-score with this student's teacher (None: it can): a ConaCLIP
+    student's teacher is a dual encoder, which embeds but scores no pair."""
+    distill = getattr(model, "distill", None)
+    if distill is not None and distill.teacher_kind != "cross":
+        return (f"--rerank re-scores with the student's cross-encoder teacher, but this student was trained with "
+                f"model.distill.loss={distill.loss!r}, whose teacher ({distill.teacher.get('arch')}) is a dual "
+                "encoder that scores no pair: search without --rerank")
+    return None
+
+
 def rerank(model, processor, query: str, hits: Hits) -> Hits:
     """Re-score the student's top-k with the model's cross-encoder teacher (match probability)."""
     if not hits:
@@ -478,6 +489,8 @@ def search_main(argv: Optional[List[str]] = None) -> List[Hits]:
     model, processor, fingerprint = load_student(meta["cfg_path"], meta["ckpt"], meta.get("options", []),
                                                  with_fingerprint=True)
     check_model(meta, fingerprint, args.allow_mismatch)
+    if args.rerank and rerank_problem(model):
+        parser.error(rerank_problem(model))
     results = search(model, index, paths, queries, args.k)
     wanted = min(args.k, len(paths))
     for query, hits in zip(queries, results):

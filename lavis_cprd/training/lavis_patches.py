@@ -70,6 +70,9 @@ OVERRIDES = {  # LAVIS 1.0.2 behaviour our subclasses replace, where they live
         "checkpoints.py: load_state",
     "No plugin mechanism: LAVIS's train.py/evaluate.py never import lavis_cprd": "lavis_cprd_hook.py (lavis_cprd.pth)",
     "VisionTransformerEncoder.from_config knows only base/large": "towers.py: build_vision_encoder",
+    "Importing LAVIS prints FutureWarnings on every command (the timm paths it imports are deprecated; "
+    "transformers 4.36 uses torch's deprecated pytree registration)":
+        "environment.py: quiet_lavis_import ignores exactly those, only while lavis_cprd and LAVIS import",
     "The ViT's gradient checkpointing (fairscale checkpoint_wrapper) recomputes under CUDA fp16 autocast "
     "whatever the forward ran under (bf16 became fp16 with no loss scaler; CPU autocast became fp32)":
         "towers.py: build_vision_encoder builds it unwrapped, checkpoint_vit_blocks wraps with torch's "

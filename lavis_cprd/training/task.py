@@ -28,7 +28,8 @@ from lavis_cprd.datasets.checks import caption_checker, check_annotation_file, c
 from lavis_cprd.datasets.split_sizes import check_hard_negatives, check_split_sizes
 from lavis_cprd.datasets.coco_eccv import CONFIG_KEY as COCO_CAPTIONS_KEY
 from lavis_cprd.datasets.coco_eccv import eccv_metrics, resolve_captions_path, tag_coco_ids
-from lavis_cprd.relevance import dataset_relevance, relevance_metrics
+from lavis_cprd.datasets.true_matches import dataset_relevance
+from lavis_cprd.relevance import relevance_metrics
 
 # Loss terms the model returns next to ``loss``; their epoch means go to log.txt.
 _LOGGED_TERMS = ("loss_itc", "loss_distill", "valid_negatives", "contributing_queries", "teacher_cache_hit_rate")
@@ -113,7 +114,7 @@ class CprdRetrievalTask(RetrievalTask):
     def evaluation(self, model, data_loader, **kwargs):
         """LAVIS's retrieval evaluation (``compute_sim_matrix`` + ``_report_metrics``, its keys
         and its ``evaluate.txt`` line unchanged), plus the relevance-aware metrics where the
-        dataset records true matches (``relevance.dataset_relevance``), on the main process.
+        dataset records true matches (``datasets.true_matches.dataset_relevance``), on the main process.
         They go to ``log.txt`` and ``metrics.json`` (``after_evaluation``)."""
         score_i2t, score_t2i = model.compute_sim_matrix(data_loader, task_cfg=self.cfg)
         if not is_main_process():
