@@ -285,7 +285,7 @@ def test_a_damaged_shard_is_refused_at_start_up_naming_the_file_and_the_repair(v
     """``TeacherScoreCache.load`` checks every shard; training loads the cache in
     ``build_teacher_now``, before the first step, so a damaged shard stops start-up, not the
     first distilled step. A recorded shard that is gone is lost, not "not built yet"."""
-    from lavis_cprd.training.task import build_teacher_now
+    from lavis_cprd.models.student import build_teacher_now
 
     out = copy_of(verified_cache[0], tmp_path / "damaged")
     TeacherScoreCache.load(out)  # as built, it loads
@@ -327,7 +327,7 @@ def identity_cache(setup):
 def test_start_up_refuses_a_cache_of_another_teacher(identity_cache, configured, differing):
     """The configured teacher's identity (arch, checkpoint bytes or URL, seed of a random
     init, precision resolved for the device) must be the one the manifest records."""
-    from lavis_cprd.training.task import build_teacher_now
+    from lavis_cprd.models.student import build_teacher_now
 
     out, work = identity_cache
     teacher = dict(configured)
@@ -353,7 +353,7 @@ def test_start_up_refuses_a_cache_of_another_teacher(identity_cache, configured,
 def test_auto_precision_is_compared_as_resolved_for_the_training_device(identity_cache, monkeypatch, native_bf16, accepted):
     """``precision: auto`` is the fp32 the cache was scored at only where the device has no bf16 units."""
     from lavis_cprd import precision
-    from lavis_cprd.training.task import build_teacher_now
+    from lavis_cprd.models.student import build_teacher_now
 
     out, work = identity_cache
     monkeypatch.setattr(precision, "native_bf16", lambda device: (native_bf16, "as the test says"))
@@ -378,7 +378,7 @@ def test_a_recorded_cache_is_verified_and_read_by_a_run_with_the_same_teacher(se
     """The ``compare`` path: a run records its teacher's logits (``distill.teacher_record``);
     a run with the same teacher reads them at start-up and gets the recorder's loss without
     building the teacher; a run with another teacher precision is refused."""
-    from lavis_cprd.training.task import build_teacher_now
+    from lavis_cprd.models.student import build_teacher_now
 
     _, dataset, _, _ = setup
     scores = str(tmp_path / "scores")

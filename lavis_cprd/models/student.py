@@ -8,11 +8,13 @@ A student family subclasses :class:`DistillingStudent`, builds its towers and th
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
+from lavis.common.utils import is_url
 from lavis.models.blip_models.blip import BlipBase
 from torch import nn
 from transformers.modeling_outputs import ModelOutput
@@ -180,3 +182,31 @@ def compile_options(spec) -> Optional[Dict[str, Any]]:
             f"model.compile.backend={backend!r} is not one of {torch._dynamo.list_backends(exclude_tags=())}"
         )
     return options
+
+
+def build_teacher_now(model, device: torch.device) -> None:
+    """Build the student's teacher before the first epoch, whatever ``distill.start_epoch``:
+    a missing or unreadable checkpoint, an unknown type or precision fail at start-up, not
+    when distillation starts (the objective would build it then). With a ``teacher_cache``
+    the teacher scores only the pairs the cache lacks (often none), so it stays lazy; its
+    checkpoint file is checked, and the cache is loaded here: every file is verified against
+    the checksum its manifest recorded, and the teacher that scored it must be the configured
+    one on the training ``device`` (arch, checkpoint bytes, precision as resolved there)."""
+    teacher = model.distill.teacher
+    model.objective.device = device  # teacher precision "auto" resolves here for a recorded cache's identity
+    if model.distill.teacher_cache:
+        path = teacher.get("checkpoint")
+        if path and not is_url(str(path)) and not os.path.isfile(path):
+            raise FileNotFoundError(f"model.distill.teacher.checkpoint={path!r} does not exist")
+        model.objective.verify_teacher_cache(device)
+        return
+    try:
+        model.teacher  # noqa: B018  (the objective builds it on first access)
+    except (ValueError, OSError, RuntimeError) as e:  # same type where it can be, the teacher named
+        named = {k: teacher.get(k) for k in ("arch", "checkpoint", "precision")}
+        message = f"the teacher (model.distill.teacher: {named}) could not be built: {e}"
+        try:
+            wrapped = type(e)(message)
+        except TypeError:  # an exception whose constructor takes other arguments
+            wrapped = RuntimeError(message)
+        raise wrapped from e

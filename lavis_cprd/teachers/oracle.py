@@ -12,6 +12,7 @@ import os
 from typing import List, Optional
 
 import torch
+from omegaconf import open_dict
 
 from lavis_cprd.datasets.shapes_truth import CaptionParseError, relevance, scenes_by_image_id
 from lavis_cprd.teachers.base import CrossEncoderTeacher
@@ -87,3 +88,23 @@ class ShapesOracleTeacher(CrossEncoderTeacher):
             probs.append(min(max(p, self.eps), 1.0 - self.eps))
         p = torch.tensor(probs, dtype=torch.float32, device=images.device)
         return torch.stack([torch.log1p(-p), torch.log(p)], dim=1)  # softmax(.)[:, 1] = p
+
+
+def fill_oracle_annotations(cfg) -> None:
+    """A ``shapes_oracle`` teacher reads the scene specs of the training annotations it scores:
+    point it at those of the (already built) ``cprd_shapes`` dataset unless it names a file."""
+    distill = cfg.model_cfg.get("distill", None)
+    teacher = distill.get("teacher", None) if distill is not None else None
+    if teacher is None or teacher.get("arch", None) != "shapes_oracle" or teacher.get("annotations", None):
+        return
+    if "cprd_shapes" not in cfg.datasets_cfg:
+        raise ValueError(
+            f"model.distill.teacher.arch=shapes_oracle reads cprd_shapes scene specs, but the datasets are "
+            f"{list(cfg.datasets_cfg)}: set model.distill.teacher.annotations, or use another teacher"
+        )
+    train = cfg.datasets_cfg.cprd_shapes.build_info.annotations.get("train", None)
+    path = train.get("storage", None) if train is not None else None
+    if not path:
+        raise ValueError("shapes_oracle: the cprd_shapes train annotations were not built before the model")
+    with open_dict(teacher):
+        teacher.annotations = path

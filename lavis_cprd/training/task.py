@@ -1,35 +1,33 @@
 """``cprd_retrieval``: LAVIS's retrieval task, trained through the distilling model's forward."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections import defaultdict
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, List, Optional
 
 import json
 
 import torch
 from lavis.common.dist_utils import get_world_size, is_main_process
 from lavis.common.registry import registry
-from lavis.common.utils import get_cache_path, is_url
 from lavis.tasks.retrieval import RetrievalTask
-
-from omegaconf import open_dict
 
 from lavis_cprd.checkpoints import atomic_write
 from lavis_cprd.distributed import resolve_device
-from lavis_cprd.errors import NETWORK_ERRORS, first_line
 from lavis_cprd.precision import AUTO, resolve_amp
 from lavis_cprd.training.schema import prepare_config
 from lavis_cprd.training.tensorboard import TrainingBoard
 from lavis_cprd.training import lavis_patches
-from lavis_cprd.datasets.checks import caption_checker, check_annotation_file, check_split
+from lavis_cprd.datasets.annotation_files import check_annotation_files, download_hints
+from lavis_cprd.datasets.checks import caption_checker, check_split
 from lavis_cprd.datasets.split_sizes import check_hard_negatives, check_split_sizes
 from lavis_cprd.datasets.coco_eccv import CONFIG_KEY as COCO_CAPTIONS_KEY
 from lavis_cprd.datasets.coco_eccv import eccv_metrics, resolve_captions_path, tag_coco_ids
 from lavis_cprd.datasets.true_matches import dataset_relevance
+from lavis_cprd.models.student import build_teacher_now
 from lavis_cprd.relevance import relevance_metrics
+from lavis_cprd.teachers.oracle import fill_oracle_annotations
 
 # Loss terms the model returns next to ``loss``; their epoch means go to log.txt.
 _LOGGED_TERMS = ("loss_itc", "loss_distill", "valid_negatives", "contributing_queries", "teacher_cache_hit_rate")
@@ -254,116 +252,9 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    return [value] if isinstance(value, str) else list(value)
-
-
-def check_annotation_files(name: str, dcfg) -> None:
-    """Before LAVIS reads them: every local annotation file exists, is valid JSON and holds a
-    list of well-formed entries (``datasets.checks.check_annotation_file``). With
-    ``datasets.NAME.skip_bad: true`` malformed entries are left out (a filtered copy under the
-    cache root takes the file's place) instead of stopping."""
-    annotations = dcfg.get("build_info", {}).get("annotations", {})
-    skip_bad = bool(dcfg.get("skip_bad", False))
-    work_dir = os.path.join(registry.get_path("cache_root"), "lavis_cprd_filtered", name)
-    for split, info in annotations.items():
-        where = f"datasets.{name}.build_info.annotations.{split}"
-        urls, storages = _as_list(info.get("url")), _as_list(info.get("storage"))
-        for i, storage in enumerate(storages):
-            path = storage if os.path.isabs(storage) else get_cache_path(storage)
-            url = urls[i] if i < len(urls) else None
-            if os.path.isfile(path):
-                source = path
-            elif url and is_url(url):
-                continue  # LAVIS downloads it
-            elif url and os.path.isfile(url):
-                source = url  # LAVIS copies it to the storage path
-            else:
-                raise FileNotFoundError(
-                    f"{where}: annotation file {path!r} does not exist"
-                    + (f" (and url {url!r} is neither a URL nor a file)" if url else "")
-                )
-            filtered = check_annotation_file(source, split, where, skip_bad, work_dir)
-            if filtered is not None:  # LAVIS reads the filtered copy (it copies url only to a missing storage)
-                storages[i] = filtered
-                with open_dict(info):
-                    info.storage = list(storages)
-
-
-def build_teacher_now(model, device: torch.device) -> None:
-    """Build the student's teacher before the first epoch, whatever ``distill.start_epoch``:
-    a missing or unreadable checkpoint, an unknown type or precision fail at start-up, not
-    when distillation starts (the objective would build it then). With a ``teacher_cache``
-    the teacher scores only the pairs the cache lacks (often none), so it stays lazy; its
-    checkpoint file is checked, and the cache is loaded here: every file is verified against
-    the checksum its manifest recorded, and the teacher that scored it must be the configured
-    one on the training ``device`` (arch, checkpoint bytes, precision as resolved there)."""
-    teacher = model.distill.teacher
-    model.objective.device = device  # teacher precision "auto" resolves here for a recorded cache's identity
-    if model.distill.teacher_cache:
-        path = teacher.get("checkpoint")
-        if path and not is_url(str(path)) and not os.path.isfile(path):
-            raise FileNotFoundError(f"model.distill.teacher.checkpoint={path!r} does not exist")
-        model.objective.verify_teacher_cache(device)
-        return
-    try:
-        model.teacher  # noqa: B018  (the objective builds it on first access)
-    except (ValueError, OSError, RuntimeError) as e:  # same type where it can be, the teacher named
-        named = {k: teacher.get(k) for k in ("arch", "checkpoint", "precision")}
-        message = f"the teacher (model.distill.teacher: {named}) could not be built: {e}"
-        try:
-            wrapped = type(e)(message)
-        except TypeError:  # an exception whose constructor takes other arguments
-            wrapped = RuntimeError(message)
-        raise wrapped from e
-
-
-@contextlib.contextmanager
-def download_hints(datasets_cfg) -> Iterator[None]:
-    """A dataset download that fails (offline, say) names what LAVIS tried to fetch and the
-    config keys that point it at local copies instead."""
-    try:
-        yield
-    except NETWORK_ERRORS as e:
-        wanted = []
-        for name, dcfg in datasets_cfg.items():
-            for split, info in dcfg.get("build_info", {}).get("annotations", {}).items():
-                for url in _as_list(info.get("url")):
-                    if is_url(str(url)):
-                        wanted.append(f"{url} (datasets.{name}.build_info.annotations.{split}.url)")
-        raise ConnectionError(
-            f"a dataset download failed: {first_line(e)}. LAVIS downloads "
-            f"these annotation files when they are not at their storage path: {wanted or 'none found'}. Offline, "
-            "download them elsewhere and set datasets.NAME.build_info.annotations.SPLIT.url and .storage to the "
-            "local file (the same absolute path), and datasets.NAME.build_info.images.storage to the image folder"
-        ) from e
-
-
 def _dump_json(obj, path: str) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
-
-
-def fill_oracle_annotations(cfg) -> None:
-    """A ``shapes_oracle`` teacher reads the scene specs of the training annotations it scores:
-    point it at those of the (already built) ``cprd_shapes`` dataset unless it names a file."""
-    distill = cfg.model_cfg.get("distill", None)
-    teacher = distill.get("teacher", None) if distill is not None else None
-    if teacher is None or teacher.get("arch", None) != "shapes_oracle" or teacher.get("annotations", None):
-        return
-    if "cprd_shapes" not in cfg.datasets_cfg:
-        raise ValueError(
-            f"model.distill.teacher.arch=shapes_oracle reads cprd_shapes scene specs, but the datasets are "
-            f"{list(cfg.datasets_cfg)}: set model.distill.teacher.annotations, or use another teacher"
-        )
-    train = cfg.datasets_cfg.cprd_shapes.build_info.annotations.get("train", None)
-    path = train.get("storage", None) if train is not None else None
-    if not path:
-        raise ValueError("shapes_oracle: the cprd_shapes train annotations were not built before the model")
-    with open_dict(teacher):
-        teacher.annotations = path
 
 
 def _caption_tokenizer(model_cfg):
