@@ -54,12 +54,13 @@ def _out_of_space(error: BaseException, path: str, needed: int) -> Optional[OutO
     import errno
     import shutil
 
+    if isinstance(error, OSError) and error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None  # e.g. a missing folder: its own error says so
+    if not isinstance(error, OSError) and not any(s in str(error) for s in _SHORT_WRITE):
+        return None
     folder = os.path.dirname(path)
     free = shutil.disk_usage(folder).free
-    if isinstance(error, OSError):
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
-            return None
-    elif not any(s in str(error) for s in _SHORT_WRITE) or free >= max(needed, 1 << 20):
+    if not isinstance(error, OSError) and free >= max(needed, 1 << 20):
         return None  # torch's short write on a disk with room: not a full disk
     mount = folder
     while not os.path.ismount(mount) and os.path.dirname(mount) != mount:

@@ -489,8 +489,9 @@ def search_main(argv: Optional[List[str]] = None) -> List[Hits]:
     model, processor, fingerprint = load_student(meta["cfg_path"], meta["ckpt"], meta.get("options", []),
                                                  with_fingerprint=True)
     check_model(meta, fingerprint, args.allow_mismatch)
-    if args.rerank and rerank_problem(model):
-        parser.error(rerank_problem(model))
+    problem = rerank_problem(model) if args.rerank else None
+    if problem:
+        parser.error(problem)
     results = search(model, index, paths, queries, args.k)
     wanted = min(args.k, len(paths))
     for query, hits in zip(queries, results):

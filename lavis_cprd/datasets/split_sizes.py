@@ -64,9 +64,15 @@ def _distinct_images(dataset) -> int:
     return len({ann.get("image") for ann in getattr(dataset, "annotation", [])}) or len(dataset)
 
 
-def check_hard_negatives(num_hard_negatives: int, train_images: Optional[int]) -> None:
-    """A query's hard negatives are other images of its batch: a split of K or fewer distinct
-    images never has K of them."""
+def check_hard_negatives(num_hard_negatives: int, batch: int, train_images: Optional[int]) -> None:
+    """A query's K hard negatives are other images of its gathered batch (``batch``: the batch
+    size x world size; 0 when unknown): a batch of K or fewer, or a split of K or fewer
+    distinct images, never has K of them."""
+    if batch and num_hard_negatives >= batch:
+        raise ValueError(
+            f"model.distill.num_hard_negatives (K={num_hard_negatives}) must be smaller than "
+            f"the gathered batch size (run.batch_size_train x world size = {batch})"
+        )
     if train_images is not None and num_hard_negatives >= train_images:
         raise ValueError(
             f"model.distill.num_hard_negatives (K={num_hard_negatives}) must be smaller than the training split's "

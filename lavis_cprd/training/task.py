@@ -96,14 +96,9 @@ class CprdRetrievalTask(RetrievalTask):
         fill_oracle_annotations(cfg)
         model = super().build_model(cfg)
         distill = getattr(model, "distill", None)
-        batch = int(cfg.run_cfg.get("batch_size_train", 0)) * get_world_size()
-        if distill is not None and distill.needs_teacher and batch and distill.num_hard_negatives >= batch:
-            raise ValueError(
-                f"model.distill.num_hard_negatives (K={distill.num_hard_negatives}) must be smaller than "
-                f"the gathered batch size (run.batch_size_train x world size = {batch})"
-            )
         if distill is not None and distill.needs_teacher:
-            check_hard_negatives(distill.num_hard_negatives, getattr(self, "_train_images", None))
+            batch = int(cfg.run_cfg.get("batch_size_train", 0)) * get_world_size()
+            check_hard_negatives(distill.num_hard_negatives, batch, getattr(self, "_train_images", None))
         if distill is not None and distill.needs_teacher and not cfg.run_cfg.get("evaluate", False):
             build_teacher_now(model, resolve_device(cfg.run_cfg.get("device", "auto")))
         return model
