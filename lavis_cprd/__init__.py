@@ -11,6 +11,9 @@ registers lavis-cprd's own entries into LAVIS's registry:
 - teacher adapters (``lavis_cprd.teachers``): cross-encoders ``blip_image_text_matching``,
   ``blip2_image_text_matching``, ``albef_retrieval``; dual encoders ``blip_feature_extractor``,
   ``clip_feature_extractor``, ``cprd_dual_encoder``
+
+and its own table of distillation losses (``lavis_cprd.distill.losses``: ``none``, ``cprd``,
+``margin_mse``, ``loopitr``, ``kl``, ``listmle_full``, ``conaclip``).
 """
 from lavis_cprd.environment import import_lavis, quiet_lavis_import
 
@@ -18,6 +21,7 @@ with quiet_lavis_import():  # LAVIS's import-time FutureWarnings (environment.LA
     import_lavis()  # registers LAVIS's tasks, models, processors, builders, runners, lr schedulers
 
     from lavis_cprd import teachers  # noqa: F401,E402
+    from lavis_cprd.distill import losses  # noqa: F401,E402  (registers the distillation losses)
     from lavis_cprd.datasets.builders import ShapesBuilder  # noqa: F401,E402
     from lavis_cprd.models.blip_retrieval import CprdBlipRetrieval  # noqa: F401,E402
     from lavis_cprd.models.dual_encoder import CprdDualEncoder  # noqa: F401,E402

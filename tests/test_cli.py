@@ -17,7 +17,7 @@ def test_list_prints_every_registered_entry_with_its_description(capsys):
             name, _, description = line.strip().partition(" ")
             current[name] = description.strip()
     losses = sections["losses (model.distill.loss)"]
-    assert list(losses) == list_losses() == ["none", "cprd", "loopitr", "margin_mse", "kl", "listmle_full", "conaclip"]
+    assert list(losses) == list_losses() == ["none", "cprd", "margin_mse", "loopitr", "kl", "listmle_full", "conaclip"]
     assert all(losses[n] == get_loss(n).description for n in losses)
     assert sorted(sections["teachers (model.distill.teacher.arch)"]) == available_teachers()
     assert sections["teachers (model.distill.teacher.arch)"]["shapes_oracle"].startswith("[cross]")

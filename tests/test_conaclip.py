@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from conftest import tiny_model_cfg
 from lavis_cprd.distill.config import DEFAULT_CONACLIP_TERMS, ConaclipTerm, DistillConfig
-from lavis_cprd.losses import (
+from lavis_cprd.distill.losses.conaclip import (
     conaclip_loss,
     feature_distill_loss,
     infonce_edge_loss,
@@ -162,7 +162,7 @@ def test_default_recipe_and_config_errors():
         "fd compares features of one modality": {"loss": "fd", "edge": "S_img-T_txt"},
         "infonce needs two different nodes": {"loss": "infonce", "edge": "S_img-S_img"},
         r"unknown key model.distill.conaclip\[0\].wieght \(did you mean 'weight'\?\)": {"loss": "sd", "edge": "S_img-S_img", "wieght": 2},
-        r"temp must be > 0": {"loss": "kl", "edge": "S_img-S_txt", "temp": 0},
+        r"temp=0.0 is out of range: it must be in \(0.0, inf\)": {"loss": "kl", "edge": "S_img-S_txt", "temp": 0},
     }
     for message, term in bad.items():
         with pytest.raises(ValueError, match=message.replace("loss: ", r"conaclip\[0\].loss=")):

@@ -101,9 +101,9 @@ def _worker(rank, world, init_file, record_dir, results):
         results[rank] = {
             "loss": out.loss.item(), "loss_itc": out.loss_itc.item(), "loss_distill": out.loss_distill.item(),
             "pairs": pairs, "work": work, "grads": grads, "i2t": i2t, "t2i": t2i, "local_size": size,
-            "cached_loss": cached.loss.item(), "cached_hit_rate": float(model.objective.cache_hit_rate or 0),
+            "cached_loss": cached.loss.item(), "cached_hit_rate": float(cached.teacher_cache_hit_rate or 0),
             "cached_pairs": cached_pairs, "cached_grads": cached_grads, "all_cached_loss": all_cached.loss.item(),
-            "all_cached_hit_rate": float(model.objective.cache_hit_rate), "all_cached_pairs": len(all_cached_pairs),
+            "all_cached_hit_rate": float(all_cached.teacher_cache_hit_rate), "all_cached_pairs": len(all_cached_pairs),
         }
     finally:
         torch_dist.destroy_process_group()

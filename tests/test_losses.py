@@ -4,7 +4,11 @@ import math
 import pytest
 import torch
 
-from lavis_cprd.losses import cprd_loss, cprd_loss_per_query, itc_loss, kl_distill_loss, listmle_full_loss, margin_mse_loss
+from lavis_cprd.distill.losses.cprd import cprd_loss, cprd_loss_per_query
+from lavis_cprd.distill.losses.kl import kl_distill_loss
+from lavis_cprd.distill.losses.listmle_full import listmle_full_loss
+from lavis_cprd.distill.losses.margin_mse import margin_mse_loss
+from lavis_cprd.losses import itc_loss
 
 
 def cprd_reference(x, t, valid=None, keep=None):

@@ -296,7 +296,7 @@ def test_detach_temperature_keeps_distillation_off_tau(batch):
 
 
 def test_config_errors_are_clear():
-    choices = r"\['none', 'cprd', 'loopitr', 'margin_mse', 'kl', 'listmle_full', 'conaclip'\]"
+    choices = r"\['none', 'cprd', 'margin_mse', 'loopitr', 'kl', 'listmle_full', 'conaclip'\]"
     with pytest.raises(ValueError, match=r"model.distill.loss='cprdd' is not one of " + choices):
         CprdDualEncoder.from_config(tiny_model_cfg(loss="cprdd"))
     with pytest.raises(ValueError, match=r"teacher_temp=0.0 is out of range: it must be in \(0.0, inf\)"):

@@ -3,18 +3,21 @@ score cache and record, the choice of candidates, one teacher call per step, the
 loss of the registry entry in each direction, and the normalisation that makes DDP's
 gradient average equal the single-process mean.
 
-A student's ``forward`` computes its ITC term and hands the step (:class:`Step`) to
-``objective.loss(step, student)``. A loss with a dual-encoder teacher (ConaCLIP) has the
-objective of ``distill.conaclip`` instead.
+A student's ``forward`` computes its ITC term and hands the step (:class:`Step`, with the
+distillation temperature as a value) to ``objective.loss(step)``, which returns what it
+computed (:class:`DistillResult`) and keeps nothing of the step. Which objective a loss needs
+is its registry entry's ``objective``: this one for the cross-encoder losses, ConaCLIP's
+(``distill/losses/conaclip.py``) for a dual-encoder teacher.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
+from torch import nn
 
 from lavis_cprd import distributed
 from lavis_cprd.distill.cache_integrity import check_teacher_identity, teacher_identity
@@ -41,6 +44,21 @@ class Step:
     text_feat: torch.Tensor
     sim_i2t: torch.Tensor
     sim_t2i: torch.Tensor
+    temperature: Union[float, torch.Tensor] = 1.0
+    modules: Mapping[str, nn.Module] = field(default_factory=dict)
+
+
+@dataclass
+class DistillResult:
+    """What one step's distillation computed: the loss, and (detached, for the logs) the mean
+    number of negatives used per query (for CPRD: the valid ones), the share of queries with a
+    distillation term and the share of teacher pairs found in ``distill.teacher_cache`` (None
+    where the objective has no such notion, or no cache is used)."""
+
+    loss: torch.Tensor
+    valid_negatives: Optional[torch.Tensor] = None
+    contributing_share: Optional[torch.Tensor] = None
+    cache_hit_rate: Optional[torch.Tensor] = None
 
 
 class DistillObjective:
@@ -54,18 +72,17 @@ class DistillObjective:
         self.teacher_cls = None
         if self.spec.teacher is not None:  # fails at model build, listing the adapters of this kind
             self.teacher_cls = teacher_class(self.teacher_arch, cfg.teacher_kind)
-        if self.spec.teacher == "cross" and self.spec.per_query is None:
-            raise ValueError(f"model.distill.loss={cfg.loss!r} is registered without a per-query function")
         self._teacher: Optional[FrozenTeacher] = None
         self._cache: Optional[TeacherScoreCache] = None
         self._record = TeacherScoreRecord() if cfg.teacher_record else None
         # The training device, set at start-up (the task's ``build_teacher_now``), else by the
         # first teacher call: the teacher precision ``auto`` of the cache's identity resolves on it.
         self.device: Optional[torch.device] = None
-        # The last step's statistics (logged by the task): the share of teacher pairs found in
-        # the cache, and the share of queries with a distillation term.
-        self.cache_hit_rate: Optional[torch.Tensor] = None
-        self.contributing_share: Optional[torch.Tensor] = None
+
+    def student_modules(self, embed_dim: int) -> Dict[str, nn.Module]:
+        """Learnable modules the student must own for this objective (trained and saved with
+        it; handed back in :attr:`Step.modules`): none for the cross-encoder losses."""
+        return {}
 
     @property
     def teacher_arch(self) -> str:
@@ -145,9 +162,8 @@ class DistillObjective:
             logging.info("teacher record %s: %d pairs", self.cfg.teacher_record, n)
 
     # --------------------------------------------------------------------- loss
-    def loss(self, step: Step, student) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``(distillation loss, mean number of negatives used per query)``; the student gives
-        its logits' temperature (``distill_temperature``). Candidates come
+    def loss(self, step: Step) -> DistillResult:
+        """The step's distillation loss and its statistics. Candidates come
         from the gathered batch, queries are this rank's; each query's candidates (K mined
         hard negatives, or every negative) and its positive are scored by the teachers of the
         ranks that hold their images (``sharded_scoring``), one teacher call a rank."""
@@ -180,7 +196,7 @@ class DistillObjective:
         # Positive pairs are scored only when the loss reads them (a fifth of the pairs at K = 4).
         pos_i = None if cfg.uses_teacher_positive else torch.zeros_like(q_i.view(-1, 1), dtype=torch.bool)
         pos_t = None if cfg.uses_teacher_positive else torch.zeros_like(q_t.view(-1, 1), dtype=torch.bool)
-        z_i2t, z_t2i, z_pos_i, z_pos_t = self._teacher_logits(
+        (z_i2t, z_t2i, z_pos_i, z_pos_t), hit_rate = self._teacher_logits(
             step,
             distributed.gather_strings(step.captions),
             [
@@ -190,7 +206,7 @@ class DistillObjective:
                 (q_t.view(-1, 1), q_t.view(-1, 1), pos_t),  # each text query with its own image
             ],
         )
-        temp = student.distill_temperature
+        temp = step.temperature
         loss_i2t, used_i2t, share_i2t = self._direction(Direction(
             sim_i2t[image_queries, q_i] / temp, sim_i2t[image_queries].gather(1, neg_texts) / temp,
             z_pos_i.view(-1), z_i2t, mask_texts,
@@ -199,8 +215,7 @@ class DistillObjective:
             sim_t2i[local, q_t] / temp, sim_t2i.gather(1, neg_images) / temp, z_pos_t.view(-1), z_t2i, mask_images
         ))
         used = torch.cat([used_i2t.float().sum(1), used_t2i.float().sum(1)]).mean()
-        self.contributing_share = (0.5 * (share_i2t + share_t2i)).detach()
-        return 0.5 * (loss_i2t + loss_t2i), used.detach()
+        return DistillResult(0.5 * (loss_i2t + loss_t2i), used.detach(), (0.5 * (share_i2t + share_t2i)).detach(), hit_rate)
 
     def _direction(self, d: Direction) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One direction's loss, reduced over all ranks' contributing (or all) queries, the mask
@@ -214,10 +229,11 @@ class DistillObjective:
         return loss, used, counts[0] / counts[1].clamp(min=1)
 
     # ------------------------------------------------------------- pair scoring
-    def _teacher_logits(self, step: Step, captions_all: List[str], blocks) -> List[torch.Tensor]:
+    def _teacher_logits(self, step: Step, captions_all: List[str], blocks) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
         """Teacher logits ``log p1 - log p0`` for blocks of ``(image idx, caption idx, mask)``
         global index tensors of one shape each: the masked-in pairs scored once, 0 elsewhere.
-        Pairs found in ``distill.teacher_cache`` are read from it; the teacher scores the rest."""
+        Pairs found in ``distill.teacher_cache`` are read from it; the teacher scores the rest.
+        Also the share of pairs the cache held (None without a cache)."""
         flat = []
         for i, t, m in blocks:
             m = torch.ones_like(i, dtype=torch.bool) if m is None else m
@@ -225,22 +241,23 @@ class DistillObjective:
         pairs = torch.cat([torch.stack([i[m], t[m]], 1) for i, t, m, _ in flat])
         # The two directions share many pairs (all of them when every negative is used).
         unique_pairs, inverse = torch.unique(pairs, dim=0, return_inverse=True)
-        logits = self._score_pairs(step, captions_all, unique_pairs)[inverse]
-        chunks = logits.split([int(m.sum()) for _, _, m, _ in flat])
-        return [logits.new_zeros(m.shape).masked_scatter(m, c).view(shape) for (_, _, m, shape), c in zip(flat, chunks)]
+        logits, hit_rate = self._score_pairs(step, captions_all, unique_pairs)
+        chunks = logits[inverse].split([int(m.sum()) for _, _, m, _ in flat])
+        blocks = [logits.new_zeros(m.shape).masked_scatter(m, c).view(shape) for (_, _, m, shape), c in zip(flat, chunks)]
+        return blocks, hit_rate
 
-    def _score_pairs(self, step: Step, captions_all: List[str], pairs: torch.Tensor) -> torch.Tensor:
+    def _score_pairs(self, step: Step, captions_all: List[str], pairs: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The logits of ``pairs``, and the share found in the cache (None without one)."""
         if self.device is None:  # built outside the task (no start-up): the teacher runs where the batch is
             self.device = step.image.device
         cache = self.teacher_cache
         if cache is None:
-            return self._score_on_image_ranks(step, captions_all, pairs)
+            return self._score_on_image_ranks(step, captions_all, pairs), None
         logits, hit = cache.lookup(step.image_ids_all[pairs[:, 0]], [captions_all[j] for j in pairs[:, 1].tolist()])
         logits, hit = logits.to(step.image.device), hit.to(step.image.device)
         # Called with no miss too: another rank's misses may need this rank's images.
         logits[~hit] = self._score_on_image_ranks(step, captions_all, pairs[~hit])
-        self.cache_hit_rate = hit.float().mean().detach()
-        return logits
+        return logits, hit.float().mean().detach()
 
     def _score_on_image_ranks(self, step: Step, captions_all: List[str], pairs: torch.Tensor) -> torch.Tensor:
         """The teacher's logits of ``pairs`` (global indices), each computed on the rank that

@@ -21,8 +21,8 @@ from transformers.modeling_outputs import ModelOutput
 
 from lavis_cprd import distributed
 from lavis_cprd.distill.config import DistillConfig
-from lavis_cprd.distill.conaclip import ConaclipObjective
 from lavis_cprd.distill.objective import DistillObjective, Step
+from lavis_cprd.distill.registry import get_loss
 from lavis_cprd.losses import itc_loss, positive_mask
 from lavis_cprd.models.model_types import NamedModelTypes
 from lavis_cprd.models.retrieval import dual_encoder_sim_matrix
@@ -51,25 +51,20 @@ class DistillingStudent(NamedModelTypes, BlipBase):
     compiled_methods: Tuple[str, ...] = ("encode_image", "encode_text")
 
     def _init_student(self, embed_dim: int, temp: float, distill: Optional[DistillConfig], tokenizer_path) -> None:
-        """After the towers: learnable temperature, the objective, ConaCLIP's maps into the
-        teacher's space (registered last, so checkpoint keys keep their order)."""
+        """After the towers: learnable temperature, the objective that the registry entry of
+        ``distill.loss`` names, and the modules that objective asks the student to own
+        (ConaCLIP's maps into the teacher's space; registered last, so checkpoint keys keep
+        their order)."""
         self.embed_dim = int(embed_dim)
         self.temp = nn.Parameter(temp * torch.ones([]))
         self.distill = distill or DistillConfig()
         self.tokenizer_path = tokenizer_path
-        # A dual-encoder teacher (ConaCLIP) is distilled by its feature graph; a cross-encoder
-        # (or none) by the ranking/logit losses of the registry.
-        objective = ConaclipObjective if self.distill.teacher_kind == "dual" else DistillObjective
-        self.objective: DistillObjective = objective(self.distill, tokenizer_path)
+        self.objective: DistillObjective = get_loss(self.distill.loss).objective(self.distill, tokenizer_path)
         self.epoch = 0  # set by the task each training epoch (distill.start_epoch)
-        dim = getattr(self.objective, "teacher_embed_dim", None)
-        if dim is not None:
-            # ConaCLIP's teacher-student edges compare embeddings across the two models: the
-            # student's features are mapped into the teacher's space (identity when the sizes
-            # agree). Only those edges read it; retrieval uses the student's own space.
-            self.conaclip_proj = nn.ModuleDict(
-                {m: nn.Identity() if dim == embed_dim else nn.Linear(embed_dim, dim) for m in ("img", "txt")}
-            )
+        modules = self.objective.student_modules(self.embed_dim)
+        for name, module in modules.items():
+            self.add_module(name, module)
+        self.objective_module_names: Tuple[str, ...] = tuple(modules)
 
     # ------------------------------------------------------------------ encoders
     def encode_captions(self, captions, device) -> torch.Tensor:
@@ -140,15 +135,17 @@ class DistillingStudent(NamedModelTypes, BlipBase):
 
         if not self.distilling:
             return CprdOutput(loss=loss_itc, loss_itc=loss_itc)
-        step = Step(image, captions, image_ids, image_ids_all, image_feat, text_feat, sim_i2t, sim_t2i)
-        loss_distill, valid = self.objective.loss(step, self)
+        step = Step(image, captions, image_ids, image_ids_all, image_feat, text_feat, sim_i2t, sim_t2i,
+                    temperature=self.distill_temperature,
+                    modules={name: getattr(self, name) for name in self.objective_module_names})
+        result = self.objective.loss(step)
         return CprdOutput(
-            loss=loss_itc + self.distill.weight * loss_distill,
+            loss=loss_itc + self.distill.weight * result.loss,
             loss_itc=loss_itc,
-            loss_distill=loss_distill,
-            valid_negatives=valid,
-            teacher_cache_hit_rate=self.objective.cache_hit_rate,
-            contributing_queries=self.objective.contributing_share,
+            loss_distill=result.loss,
+            valid_negatives=result.valid_negatives,
+            teacher_cache_hit_rate=result.cache_hit_rate,
+            contributing_queries=result.contributing_share,
         )
 
     # ---------------------------------------------------------------- retrieval
