@@ -18,8 +18,10 @@ COMMANDS = {
     "demo": ("lavis_cprd.apps.demo", "the embedded default end to end, offline: every method, 3 seeds"),
     "compare": ("lavis_cprd.apps.compare", "distillation methods and ablations side by side, same teacher and seeds"),
     "diagnose": ("lavis_cprd.apps.diagnose", "is this cross-encoder a good teacher for this student?"),
+    "prepare-data": ("lavis_cprd.apps.prepare_data", "your images and captions table to LAVIS annotations and an experiment"),
+    "train-teacher": ("lavis_cprd.apps.train_teacher", "a cross-encoder teacher for any dataset config (two-stage recipe)"),
     "cache-teacher": ("lavis_cprd.apps.cache_command", "precompute teacher scores of a training split"),
-    "index": ("lavis_cprd.apps.serving:index_main", "encode an image folder into a FAISS index"),
+    "index": ("lavis_cprd.apps.gallery_index:index_main", "encode an image folder into a FAISS index"),
     "search": ("lavis_cprd.apps.serving:search_main", "search an index with text queries"),
     "list": ("lavis_cprd.apps.cli:list_main", "the registered losses, teachers, students, datasets and tasks"),
 }

@@ -23,8 +23,8 @@ STUDENT_OPTIONS = [*OPTIONS, *STUDENT]  # a student run's config overrides
 RUNS = {  # run name -> (table label, expected distill config)
     "none": ("ITC only (baseline)", {"loss": "none"}),
     "cprd": ("cprd", {"loss": "cprd", "num_hard_negatives": 3}),
-    "loopitr": ("loopitr", {"loss": "loopitr"}),
     "margin_mse": ("margin_mse", {"loss": "margin_mse"}),
+    "loopitr": ("loopitr", {"loss": "loopitr"}),
     "kl": ("kl", {"loss": "kl"}),
     "listmle_full": ("listmle_full", {"loss": "listmle_full"}),
     "conaclip": ("conaclip", {"loss": "conaclip", "teacher": {"arch": "blip_feature_extractor"}}),

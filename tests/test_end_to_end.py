@@ -163,9 +163,10 @@ def test_faiss_search_equals_compute_sim_matrix_and_lavis_recall(trained, tmp_pa
     import numpy as np
 
     from lavis_cprd.training.launch import load_config
-    from lavis_cprd.apps.serving import (
-        build_faiss_index, encode_images, index_main, load_index, load_student, save_index, search, search_main,
-    )
+    from lavis_cprd.apps.faiss_index import build_faiss_index, load_index, save_index
+    from lavis_cprd.apps.gallery_index import encode_images, index_main
+    from lavis_cprd.apps.serving import search, search_main
+    from lavis_cprd.apps.student_loading import load_student
 
     cfg_path, job_dir, _, _ = trained
     ckpt = os.path.join(job_dir, "checkpoint_best.pth")
@@ -208,7 +209,8 @@ def test_faiss_search_equals_compute_sim_matrix_and_lavis_recall(trained, tmp_pa
 def test_index_kinds_and_errors(tmp_path):
     import numpy as np
 
-    from lavis_cprd.apps.serving import build_faiss_index, list_images, load_index
+    from lavis_cprd.apps.faiss_index import build_faiss_index, load_index
+    from lavis_cprd.apps.gallery_index import list_images
 
     x = np.random.default_rng(0).normal(size=(200, 16)).astype("float32")
     x /= np.linalg.norm(x, axis=1, keepdims=True)

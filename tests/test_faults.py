@@ -1,22 +1,28 @@
 """Numerical safety: a non-finite loss stops training naming its term, or skips the step."""
+import logging
 import os
+from datetime import timedelta
 
 import pytest
 import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
 from lavis.common.optims import LinearWarmupCosineLRScheduler
 from lavis.datasets.datasets.dataloader_utils import IterLoader
 from omegaconf import OmegaConf
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, default_collate
 
 from conftest import tiny_model_cfg
 from lavis_cprd.models.dual_encoder import CprdDualEncoder
+from lavis_cprd.training import lavis_patches
 from lavis_cprd.training.task import CprdRetrievalTask
 
 
 def samples(n=16):
     torch.manual_seed(0)
     return [{"image": torch.randn(3, 48, 48), "text_input": f"a {c} thing number {i}", "image_id": i}
-            for i, c in zip(range(n), ["red", "blue", "green", "black"] * 4)]
+            for i, c in zip(range(n), ["red", "blue", "green", "black"] * (n // 4))]
 
 
 class NanAtStep:
@@ -35,22 +41,23 @@ class NanAtStep:
         return out
 
 
-def run_epoch(model, skip, nan_steps, items=None):
+def run_epoch(model, skip, nan_steps, items=None, accum=1, ddp=False):
     task = CprdRetrievalTask(OmegaConf.create({"skip_nonfinite_loss": skip, "k_test": 4}))
     model.forward = NanAtStep(model, nan_steps)
+    trained = DDP(model) if ddp else model  # DDP calls the model's (NaN-making) forward
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.05)
     loader = IterLoader(DataLoader(items or samples(), batch_size=8, collate_fn=default_collate))
     sched = LinearWarmupCosineLRScheduler(optimizer, max_epoch=1, min_lr=1e-4, init_lr=1e-3)
     snapshots = []
     original_zero = optimizer.zero_grad
 
-    def zero_grad(*a, **k):  # called after every (possibly skipped) step: snapshot the weights
+    def zero_grad(*a, **k):  # called after every (possibly skipped) step, once per window: snapshot the weights
         snapshots.append({n: p.detach().clone() for n, p in model.named_parameters()})
         return original_zero(*a, **k)
 
     optimizer.zero_grad = zero_grad
-    stats = task.train_epoch(epoch=0, model=model, data_loader=loader, optimizer=optimizer, scaler=None,
-                             lr_scheduler=sched, cuda_enabled=False, log_freq=100, accum_grad_iters=1)
+    stats = task.train_epoch(epoch=0, model=trained, data_loader=loader, optimizer=optimizer, scaler=None,
+                             lr_scheduler=sched, cuda_enabled=False, log_freq=100, accum_grad_iters=accum)
     return task, stats, snapshots
 
 
@@ -80,6 +87,79 @@ def test_nonfinite_step_is_skipped_without_touching_the_weights(model):
     fresh = CprdDualEncoder.from_config(tiny_model_cfg(num_hard_negatives=3)).eval()
     _, _, (ref,) = run_epoch(fresh, skip=True, nan_steps=[], items=samples()[8:])
     assert all(torch.allclose(ref[n], second[n], atol=1e-6) for n in before)
+
+
+@pytest.mark.parametrize("nan_steps,skipped", [([1], 1), ([0, 1], 1), ([1, 2], 2)])
+def test_a_nonfinite_micro_batch_skips_its_whole_accumulation_window(model, nan_steps, skipped):
+    """run.accum_grad_iters: 2, four micro-batches of 8, so two windows. Any NaN micro-batch
+    discards its window's update (its good micro-batch's gradients too), counted once per
+    window; the next window starts from zeroed gradients. Before, only accum_grad_iters 1 was
+    guarded: the window stepped on micro-batch 0's gradients, and AdamW's weight decay."""
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    items = samples(32)
+    task, stats, snapshots = run_epoch(model, skip=True, nan_steps=nan_steps, items=items, accum=2)
+    assert task.skipped_steps == skipped and stats["skipped_nonfinite_steps"] == str(skipped)
+    first, second = snapshots  # zero_grad once per window
+    assert all(torch.equal(first[n], before[n]) for n in before)  # window 1 changed nothing
+    if skipped == 2:
+        assert all(torch.equal(second[n], before[n]) for n in before)  # nor did window 2
+        return
+    # Window 2 by hand: LAVIS sums (does not average) the micro-batches' gradients; one step of
+    # a fresh AdamW from the untouched weights, as if window 1 had never been.
+    torch.manual_seed(0)
+    ref = CprdDualEncoder.from_config(tiny_model_cfg(num_hard_negatives=3)).eval()
+    ref.set_epoch(0)
+    params = [p for p in ref.parameters() if p.requires_grad]
+    assert all(torch.equal(p, before[n]) for n, p in ref.named_parameters())
+    for part in (items[16:24], items[24:32]):
+        ref(default_collate(part)).loss.backward()
+    torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05).step()
+    moved = [n for n, p in ref.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert len(moved) > 10  # a real step, not an empty comparison
+    assert all(torch.allclose(p, second[n], atol=1e-6) for n, p in ref.named_parameters())
+
+
+def _ddp_worker(rank, world, init_file, results):
+    torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                  timeout=timedelta(seconds=60))  # a rank left out of a collective fails, not hangs
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        model = CprdDualEncoder.from_config(tiny_model_cfg(num_hard_negatives=3)).eval()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        warnings = []
+        handler = logging.Handler()
+        handler.emit = lambda record: warnings.append(record.getMessage())
+        logging.getLogger().addHandler(handler)
+        items = samples(64)[rank * 32:(rank + 1) * 32]  # two windows of two micro-batches of 8 a rank
+        with lavis_patches.metric_sync_on(torch.device("cpu")):  # as CprdRunner.train does off CUDA
+            task, stats, snapshots = run_epoch(model, skip=True, nan_steps=[1] if rank == 1 else [], items=items,
+                                               accum=2, ddp=True)
+        first, second = snapshots
+        results[rank] = {"skipped": task.skipped_steps, "stats": stats["skipped_nonfinite_steps"], "warnings": warnings,
+                         "window1_unchanged": all(torch.equal(first[n], before[n]) for n in before),
+                         "window2": second}
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def test_a_nonfinite_micro_batch_on_one_rank_skips_the_window_on_every_rank(tmp_path):
+    """Two gloo ranks under DDP, run.accum_grad_iters: 2; rank 1's micro-batch 1 is NaN, rank 0's
+    are all finite: both ranks skip window 1 (one all-reduce per micro-batch tells rank 0), count
+    it once, and step window 2 to the same weights."""
+    results = mp.Manager().dict()
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True,
+                       start_method="fork")
+    r0, r1 = results[0], results[1]
+    assert r0["skipped"] == r1["skipped"] == 1 and r0["stats"] == r1["stats"] == "1"
+    assert r0["window1_unchanged"] and r1["window1_unchanged"]
+    assert any("step 1 (the whole run.accum_grad_iters=2 window's update): non-finite loss on another rank" in w
+               for w in r0["warnings"])
+    assert any("non-finite ['loss_distill']" in w for w in r1["warnings"])
+    torch.manual_seed(0)
+    start = CprdDualEncoder.from_config(tiny_model_cfg(num_hard_negatives=3)).state_dict()
+    assert any(not torch.equal(r0["window2"][n], start[n]) for n in r0["window2"])  # window 2 trained
+    assert all(torch.equal(r0["window2"][n], r1["window2"][n]) for n in r0["window2"])  # alike on both ranks
 
 
 # ---------------------------------------------------------------- bad data
@@ -276,17 +356,17 @@ def test_evaluate_and_index_refuse_random_weights_unless_asked(tmp_path, capsys)
     say how to give one; ``--random-init`` is the explicit way out, and its weights are seeded,
     so an index and the searches over it see the same model."""
     from conftest import REPO
-    from lavis_cprd.apps import evaluate, serving
+    from lavis_cprd.apps import evaluate, gallery_index, student_loading
 
     cfg = os.path.join(REPO, "configs", "cprd_tiny_shapes.yaml")
     with pytest.raises(SystemExit) as done:
         evaluate.main(["--cfg-path", cfg])
     assert done.value.code == 2 and "give --ckpt PATH" in capsys.readouterr().err
     with pytest.raises(SystemExit) as done:
-        serving.index_main(["--cfg-path", cfg, "--images", str(tmp_path), "--output", str(tmp_path / "i")])
+        gallery_index.index_main(["--cfg-path", cfg, "--images", str(tmp_path), "--output", str(tmp_path / "i")])
     assert done.value.code == 2 and "or --random-init" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="--ckpt 'nope.pth' does not exist"):
-        serving.load_student(cfg, "nope.pth")
-    a, _ = serving.load_student(cfg, None)
-    b, _ = serving.load_student(cfg, None)
+        student_loading.load_student(cfg, "nope.pth")
+    a, _ = student_loading.load_student(cfg, None)
+    b, _ = student_loading.load_student(cfg, None)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -21,7 +21,9 @@ from conftest import REPO, _image
 from lavis_cprd.checkpoints import CheckpointMismatchError, CorruptCheckpointError, load_state
 from lavis_cprd.errors import ConfigError
 from lavis_cprd.training.launch import load_config
-from lavis_cprd.training.schema import config_problems, key_at
+from lavis_cprd.config_schema import key_at
+from lavis_cprd.training.schema import CONFIG
+from lavis_cprd.training.validation import config_problems
 
 CFG = os.path.join(REPO, "configs", "cprd_tiny_shapes.yaml")
 MICRO = [
@@ -85,7 +87,8 @@ def test_the_shipped_configs_are_valid():
 
     from lavis.common.registry import registry
 
-    from lavis_cprd.training.schema import MODELS, check_mapping
+    from lavis_cprd.config_schema import check_mapping
+    from lavis_cprd.training.schema import MODELS
 
     for path in glob.glob(os.path.join(REPO, "configs", "*.yaml")):
         load_config(Namespace(cfg_path=path, options=[]))  # raises on any problem
@@ -183,7 +186,7 @@ def test_random_single_key_mutations_never_pass_silently():
         if problems:
             assert any(named in p for p in problems), (kind, path, new, problems)
             continue
-        key = key_at(path)
+        key = key_at(CONFIG, path, mutated)  # the tree that checked it, as it reads this config
         assert kind != "typo", f"a misspelt key passed: {named}"
         if kind == "type":  # only a key that takes anything (or this type, where its default was null)
             assert key is not None and (key.kind is None or isinstance(new, key.kind)), f"{path}={new!r} passed"
@@ -249,14 +252,14 @@ def test_a_checkpoint_whose_keys_do_not_match_is_an_error_listing_them(tmp_path)
 
 
 def test_evaluate_and_index_refuse_a_checkpoint_of_another_model(tmp_path):
-    from lavis_cprd.apps import evaluate, serving
+    from lavis_cprd.apps import evaluate, student_loading
 
     other = tmp_path / "other.pth"
     torch.save({"model": {"something.else": torch.zeros(3)}}, other)
     with pytest.raises(CheckpointMismatchError, match=r"does not fit CprdDualEncoder: \d+ key\(s\) missing from it"):
         evaluate.main(["--cfg-path", CFG, "--ckpt", str(other), "--options", *MICRO, f"run.output_dir={tmp_path}"])
     with pytest.raises(CheckpointMismatchError, match=r"--ckpt='.*other\.pth' does not fit CprdDualEncoder"):
-        serving.load_student(CFG, str(other))
+        student_loading.load_student(CFG, str(other))
 
 
 # ------------------------------------------------------------------ serving
@@ -274,18 +277,18 @@ def gallery(tmp_path):
 
 
 def _index(gallery, out, *extra):
-    from lavis_cprd.apps import serving
+    from lavis_cprd.apps import gallery_index
 
     folder, ckpt = gallery
-    return serving.index_main(["--cfg-path", CFG, "--ckpt", ckpt, "--images", str(folder), "--output", str(out), *extra])
+    return gallery_index.index_main(["--cfg-path", CFG, "--ckpt", ckpt, "--images", str(folder), "--output", str(out), *extra])
 
 
 def test_index_stores_absolute_paths_and_a_content_hash_search_checks(gallery, tmp_path, monkeypatch, capsys):
-    from lavis_cprd.apps import serving
+    from lavis_cprd.apps import gallery_index, serving
 
     folder, ckpt = gallery
     monkeypatch.chdir(folder.parent)
-    serving.index_main(["--cfg-path", CFG, "--ckpt", ckpt, "--images", "gallery", "--output", "idx"])
+    gallery_index.index_main(["--cfg-path", CFG, "--ckpt", ckpt, "--images", "gallery", "--output", "idx"])
     paths = json.load(open(tmp_path / "idx" / "paths.json"))
     assert paths == sorted(str(folder / f"img_{i:02d}.png") for i in range(30)) and all(os.path.isabs(p) for p in paths)
     monkeypatch.chdir(REPO)  # from another folder the index still finds its images
@@ -301,14 +304,14 @@ def test_index_stores_absolute_paths_and_a_content_hash_search_checks(gallery, t
 
 
 def test_bad_image_files_stop_or_are_skipped_and_encoded_chunks_are_kept(gallery, tmp_path, capsys):
-    from lavis_cprd.apps import serving
+    from lavis_cprd.apps import faiss_index, gallery_index
 
     folder, _ = gallery
     (folder / "img_05.png").write_text("this is not an image")
     whole = (folder / "img_20.png").read_bytes()
     (folder / "img_20.png").write_bytes(whole[: len(whole) // 2])  # truncated
     out = tmp_path / "idx"
-    with pytest.raises(serving.BadImageError, match=r"img_05\.png: not a readable image .*Pass --bad-images skip.*the 4 "
+    with pytest.raises(gallery_index.BadImageError, match=r"img_05\.png: not a readable image .*Pass --bad-images skip.*the 4 "
                                                     r"images encoded before it are kept in .*partial"):
         _index(gallery, out, "--chunk-size", "4")
     assert json.load(open(out / "partial" / "progress.json"))["chunks"] == 1
@@ -320,7 +323,7 @@ def test_bad_image_files_stop_or_are_skipped_and_encoded_chunks_are_kept(gallery
     # the resumed index equals one built in a single run
     single = _index(gallery, tmp_path / "single", "--bad-images", "skip")
     assert single["count"] == 28
-    a, b = serving.load_index(str(out)), serving.load_index(str(tmp_path / "single"))
+    a, b = faiss_index.load_index(str(out)), faiss_index.load_index(str(tmp_path / "single"))
     assert a[1] == b[1] and np.allclose(a[0].reconstruct_n(0, 28), b[0].reconstruct_n(0, 28), atol=1e-6)
 
 
@@ -345,7 +348,7 @@ def test_search_validates_k_and_queries_and_takes_many_at_once(gallery, tmp_path
 
 
 def test_ivf_probes_enough_cells_and_says_when_hits_are_missing(gallery, tmp_path, capsys):
-    from lavis_cprd.apps import serving
+    from lavis_cprd.apps import faiss_index, serving
 
     meta = _index(gallery, tmp_path / "ivf", "--index", "ivf")
     assert meta["nlist"] == 5 and meta["nprobe"] == 5  # 30 images: every cell
@@ -355,7 +358,7 @@ def test_ivf_probes_enough_cells_and_says_when_hits_are_missing(gallery, tmp_pat
     (hits,) = serving.search_main(["a red square", "--index", str(tmp_path / "ivf"), "--k", "10", "--nprobe", "1"])
     err = capsys.readouterr().err
     assert len(hits) < 10 and f"returned {len(hits)} of k=10 hits (it searched 1 of 5 cells: raise --nprobe)" in err
-    assert serving.default_nprobe(100, 10000) == 13 and serving.default_nprobe(5, 30) == 5
+    assert faiss_index.default_nprobe(100, 10000) == 13 and faiss_index.default_nprobe(5, 30) == 5
 
 
 def test_the_html_page_is_self_contained_and_says_what_the_score_is(gallery, tmp_path):

@@ -1,5 +1,11 @@
 """``lavis-cprd cache-teacher``'s builder: a training split's teacher scores, written shard by
-shard in the format of ``distill.teacher_cache`` (its module docstring has the layout).
+shard in the format of ``distill.cache_integrity`` (its module docstring has the layout), to be
+read by ``distill.teacher_cache``. Only the cache command uses it; training does not.
+
+Queries are every caption (against its own image and its top-M other images) and every image
+(against its own captions and its top-M other captions). Each shard covers ``shard_size``
+queries, is written to a temporary file and renamed, and its checksum then goes into the
+manifest (also replaced atomically).
 
 A rerun with the same settings resumes or repairs: every file already there is checked against
 the checksum the manifest recorded, and the missing or damaged ones (named in the log with
@@ -16,10 +22,9 @@ import torch
 
 from lavis_cprd.checkpoints import atomic_json, atomic_save
 from lavis_cprd.distill.cache_integrity import (
-    CACHE_VERSION, CAPTIONS, EMBEDDINGS, MANIFEST, MISSING, file_problem, read_manifest,
+    CAPTIONS, EMBEDDINGS, MISSING, file_problem, new_manifest, read_manifest, shard_name, shard_path, write_manifest,
 )
 from lavis_cprd.hashing import sha256_of_file
-from lavis_cprd.distill.teacher_cache import shard_name, shard_path
 
 # Not compared when a build resumes: what it has written so far, and how it was invoked.
 _PROGRESS_KEYS = ("files", "command")
@@ -129,12 +134,12 @@ def build_teacher_cache(
     items = CacheItems(dataset)
     num_queries = len(items.item_image) + len(items.images)
     num_shards = (num_queries + shard_size - 1) // shard_size
-    manifest = {
-        "version": CACHE_VERSION, "top_m": int(top_m), "shard_size": int(shard_size), "num_shards": num_shards,
-        "num_items": len(items.item_image), "num_images": len(items.images), "num_captions": len(items.captions),
-        "settings": settings or {}, "teacher": teacher_identity,
-    }
     old = read_manifest(output)
+    manifest = new_manifest(
+        num_shards, len(items.captions), num_items=len(items.item_image), num_images=len(items.images),
+        top_m=top_m, shard_size=shard_size, settings=settings, teacher=teacher_identity,
+        command=command or (old or {}).get("command"), files=(old or {}).get("files"),
+    )
     if old is not None:
         diff = sorted(k for k in set(old) | set(manifest) if k not in _PROGRESS_KEYS and old.get(k) != manifest.get(k))
         if diff:
@@ -142,8 +147,6 @@ def build_teacher_cache(
                 f"{output!r} holds a teacher cache built with other settings ({diff}); "
                 "choose a new --output, or delete it to rebuild"
             )
-    manifest["files"] = dict(old["files"]) if old else {}
-    manifest["command"] = command or (old or {}).get("command")
     damaged: List[str] = []
 
     def stale(name: str) -> bool:
@@ -157,7 +160,7 @@ def build_teacher_cache(
     def written(name: str) -> None:
         """Record the checksum of a file just written; until then it counts as not built."""
         manifest["files"][name] = sha256_of_file(os.path.join(output, name))
-        atomic_json(manifest, os.path.join(output, MANIFEST))
+        write_manifest(output, manifest)
 
     if stale(CAPTIONS):  # before the manifest: a reader never sees one without its captions
         atomic_json(items.captions, os.path.join(output, CAPTIONS))

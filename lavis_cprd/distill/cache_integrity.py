@@ -1,5 +1,17 @@
-"""What a teacher-score cache is checked against: the sha256 of each of its files, recorded in
-its ``manifest.json`` as each file is written, and the identity of the teacher that scored it.
+"""A teacher-score cache's format, and what it is checked against: the sha256 of each of its
+files, recorded in its ``manifest.json`` as each file is written, and the identity of the
+teacher that scored it. Both writers use it: ``distill.cache_builder`` (``lavis-cprd
+cache-teacher``) and ``distill.teacher_cache.TeacherScoreRecord`` (``distill.teacher_record``);
+``distill.teacher_cache.TeacherScoreCache`` reads what they write.
+
+Layout of a cache folder::
+
+    manifest.json     written only by :func:`write_manifest`, its keys :data:`MANIFEST_KEYS`:
+                      the settings the cache was built with (checked on resume), the identity
+                      of the teacher that scored it and the sha256 of every file written so far
+    captions.json     the distinct processed captions; shards refer to them by index
+    embeddings.pt     a built cache's fixed-encoder image and caption embeddings (reused on resume)
+    shard_00000.pt    {"image": [P], "caption": [P], "logit": [P]} for one block of queries
 
 A file whose bytes do not match its recorded checksum (a truncated copy, a bad disk) or
 that has none (written just before a crash, the manifest not yet updated) is not trusted:
@@ -17,7 +29,8 @@ from urllib.parse import urlparse
 
 import torch
 
-from lavis_cprd.hashing import file_sha256, sha256_of_file  # noqa: F401  (sha256_of_file: for file_problem)
+from lavis_cprd.checkpoints import atomic_json
+from lavis_cprd.hashing import file_sha256, sha256_of_file
 from lavis_cprd.precision import resolve
 
 # 2: per-file checksums (``files``) and the teacher's identity (``teacher``) in the manifest.
@@ -27,10 +40,56 @@ MANIFEST, CAPTIONS, EMBEDDINGS = "manifest.json", "captions.json", "embeddings.p
 # informative where ``checkpoint_sha256`` is a digest: a copied or moved file is the same teacher.
 IDENTITY_FIELDS = ("arch", "checkpoint", "checkpoint_sha256", "seed", "precision")
 MISSING, NO_CHECKSUM, MISMATCH = "missing", "no checksum recorded", "checksum mismatch"
+# Every manifest's keys, whichever writer; a key that does not apply to a cache is null
+# (a recorded cache has no top_m, a built one no num_pairs). ``recorded``: written by a
+# training run (``distill.teacher_record``), which decides how a damaged one is repaired;
+# ``command``: the ``cache-teacher`` command line that repairs a built one.
+MANIFEST_KEYS = ("version", "recorded", "num_shards", "num_items", "num_images", "num_captions", "num_pairs",
+                 "top_m", "shard_size", "settings", "teacher", "command", "files")
 
 
 class TeacherCacheError(ValueError):
     """A teacher cache that cannot be used as it is: damaged, too old, or another teacher's."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.pt"
+
+
+def shard_path(root: str, index: int) -> str:
+    return os.path.join(root, shard_name(index))
+
+
+# --------------------------------------------------------------------------- manifest
+def new_manifest(num_shards: int, num_captions: int, *, recorded: bool = False, num_items: Optional[int] = None,
+                 num_images: Optional[int] = None, num_pairs: Optional[int] = None, top_m: Optional[int] = None,
+                 shard_size: Optional[int] = None, settings: Optional[dict] = None,
+                 teacher: Optional[Mapping[str, Any]] = None, command: Optional[str] = None,
+                 files: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
+    """A manifest of this :data:`CACHE_VERSION`, every key of :data:`MANIFEST_KEYS` set.
+    ``teacher``: :func:`teacher_identity`, what a reader's teacher must match; ``files``:
+    name -> sha256 of each file written so far."""
+    def count(n):
+        return None if n is None else int(n)
+
+    manifest = {
+        "version": CACHE_VERSION, "recorded": bool(recorded), "num_shards": int(num_shards),
+        "num_items": count(num_items), "num_images": count(num_images), "num_captions": int(num_captions),
+        "num_pairs": count(num_pairs), "top_m": count(top_m), "shard_size": count(shard_size),
+        "settings": settings or {}, "teacher": None if teacher is None else dict(teacher), "command": command,
+        "files": dict(files or {}),
+    }
+    assert tuple(manifest) == MANIFEST_KEYS
+    return manifest
+
+
+def write_manifest(root: str, manifest: Mapping[str, Any]) -> None:
+    """Write (atomically replace) ``root``'s manifest: the only writer of one. Write it after
+    the files whose checksums it records, so that a reader never sees one it does not vouch for."""
+    if set(manifest) != set(MANIFEST_KEYS) or manifest["version"] != CACHE_VERSION:
+        raise ValueError(f"a teacher cache manifest has the keys {MANIFEST_KEYS} at version {CACHE_VERSION}; "
+                         f"got {sorted(manifest)} at version {manifest.get('version')}")
+    atomic_json(dict(manifest), os.path.join(root, MANIFEST))
 
 
 # --------------------------------------------------------------------------- checksums
@@ -72,7 +131,9 @@ def repair_hint(root: str, manifest: Mapping[str, Any]) -> str:
 
 
 def read_manifest(root: str) -> Optional[dict]:
-    """``root``'s manifest, None if there is none; one of another cache version is an error."""
+    """``root``'s manifest, None if there is none; one of another cache version is an error.
+    Keys an older writer of this version left out (a built cache's ``recorded`` and
+    ``num_pairs``, a recorded one's build settings) are filled in as :func:`new_manifest` would."""
     path = os.path.join(root, MANIFEST)
     if not os.path.isfile(path):
         return None
@@ -88,7 +149,9 @@ def read_manifest(root: str) -> Optional[dict]:
             f"{root} holds a teacher cache of version {version}; this lavis-cprd reads version {CACHE_VERSION} "
             f"(with checksums of its files and the teacher's identity): rebuild it into a new folder or delete {root}"
         )
-    return manifest
+    absent = {key: value for key, value in new_manifest(0, 0).items()
+              if key not in manifest and key not in ("num_shards", "num_captions")}  # those two: every writer's
+    return {**manifest, **absent}
 
 
 # --------------------------------------------------------------------------- identity

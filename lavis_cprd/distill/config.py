@@ -1,4 +1,8 @@
-"""``model.distill``: which distillation loss, its knobs, and the teacher."""
+"""``model.distill``: which distillation loss, its knobs, and the teacher. Its keys are
+:data:`DISTILL_KEYS` (:mod:`lavis_cprd.config_schema`), the one table of their types and
+ranges: ``training/schema.py`` checks a whole config with it (adding the teacher's keys),
+:class:`DistillConfig` checks and reads ``model.distill`` with it.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
@@ -6,8 +10,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from lavis_cprd.distill.registry import get_loss
-from lavis_cprd.errors import suggest, unknown_keys
+from lavis_cprd.config_schema import FLAG, Key, check_value, count, num, read
+from lavis_cprd.distill.registry import get_loss, list_losses
+
+WHERE = "model.distill"
 
 MINING_SCOPES = ("gathered", "local")
 NORMALIZATIONS = ("contributing", "all")
@@ -39,13 +45,50 @@ DEFAULT_CONACLIP_TERMS: List[Dict[str, Any]] = [
 ]
 
 
+def _problems(problems: List[str]) -> None:
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _nodes(value) -> Tuple[str, ...]:
+    return tuple(str(value).split("-")) if value is not None else ()
+
+
+def _edge(value, where: str) -> List[str]:
+    """An edge ``"A-B"`` of ConaCLIP's graph, one end at least a student node."""
+    nodes = _nodes(value)
+    if len(nodes) != 2 or any(n not in CONACLIP_NODES for n in nodes):
+        return [f"{where}={value!r} is not an edge 'A-B' of nodes {list(CONACLIP_NODES)}"]
+    if not any(n.startswith("S") for n in nodes):
+        return [f"{where}={value!r} joins two teacher nodes: nothing to train"]
+    return []
+
+
+def _term_rules(raw: Dict[str, Any], where: str) -> List[str]:
+    a, b = _nodes(raw["edge"])
+    if raw["loss"] == "infonce" and a == b:
+        return [f"{where}: infonce needs two different nodes, got edge {a}-{b}"]
+    if raw["loss"] == "fd" and not (a[2:] == b[2:] and {a[0], b[0]} == {"S", "T"}):
+        return [f"{where}: fd compares features of one modality across teacher and student "
+                f"(S_img-T_img or S_txt-T_txt), got {a}-{b}"]
+    return []
+
+
+# One entry of model.distill.conaclip: ``edge``/``mirror`` are ``"A-B"`` over {S_img, S_txt,
+# T_img, T_txt}; ``mirror`` is read by the ``sym_*`` losses only.
+CONACLIP_TERM = Key(dict, what="a mapping (loss, edge, ...)", keys={
+    "loss": Key(str, choices=CONACLIP_LOSSES, required=True),
+    "edge": Key(check=_edge, required=True),
+    "mirror": Key(nullable=True, check=_edge),
+    "weight": num(0, text=False),
+    "temp": num(0, open_low=True, text=False),
+}, check=_term_rules)
+
+
 @dataclass
 class ConaclipTerm:
-    """One weighted edge loss of ConaCLIP's graph (``model.distill.conaclip`` entries).
-
-    ``edge``/``mirror``: ``"A-B"`` over {S_img, S_txt, T_img, T_txt}; ``mirror`` is read by the
-    ``sym_*`` losses only and defaults to the edge read the other way (``B-A``).
-    """
+    """One weighted edge loss of ConaCLIP's graph (``model.distill.conaclip`` entries, checked
+    by :data:`CONACLIP_TERM`); ``mirror`` defaults to the edge read the other way (``B-A``)."""
 
     loss: str
     edge: Tuple[str, str]
@@ -55,86 +98,85 @@ class ConaclipTerm:
 
     @classmethod
     def parse(cls, raw: Dict[str, Any], where: str) -> "ConaclipTerm":
-        known = {"loss", "edge", "mirror", "weight", "temp"}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(unknown_keys(where, unknown, sorted(known)))
-        loss = raw.get("loss")
-        if loss not in CONACLIP_LOSSES:
-            raise ValueError(f"{where}.loss={loss!r} is not one of {list(CONACLIP_LOSSES)}")
-        edge = _parse_edge(raw.get("edge"), f"{where}.edge")
-        mirror = _parse_edge(raw["mirror"], f"{where}.mirror") if raw.get("mirror") else (edge[1], edge[0])
-        numbers = {}
-        for key, default in (("weight", 1.0), ("temp", 0.07)):
-            value = raw.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{where}.{key} must be a number, got {value!r}")
-            numbers[key] = float(value)
-        term = cls(loss, edge, mirror if loss.startswith("sym") else None, numbers["weight"], numbers["temp"])
-        (a, b) = edge
-        if loss == "infonce" and a == b:
-            raise ValueError(f"{where}: infonce needs two different nodes, got edge {a}-{b}")
-        if loss == "fd" and not (a[2:] == b[2:] and {a[0], b[0]} == {"S", "T"}):
-            raise ValueError(f"{where}: fd compares features of one modality across teacher and student "
-                             f"(S_img-T_img or S_txt-T_txt), got {a}-{b}")
-        if term.weight < 0:
-            raise ValueError(f"{where}.weight must be >= 0, got {term.weight}")
-        if term.temp <= 0:
-            raise ValueError(f"{where}.temp must be > 0, got {term.temp}")
-        return term
+        _problems(check_value(CONACLIP_TERM, raw, where))
+        return cls.read(raw)
+
+    @classmethod
+    def read(cls, raw: Dict[str, Any]) -> "ConaclipTerm":
+        """A checked entry as a term."""
+        edge = _nodes(raw["edge"])
+        mirror = _nodes(raw["mirror"]) if raw.get("mirror") else (edge[1], edge[0])
+        return cls(raw["loss"], edge, mirror if raw["loss"].startswith("sym") else None,  # type: ignore[arg-type]
+                   float(raw.get("weight", cls.weight)), float(raw.get("temp", cls.temp)))
 
 
-def parse_temperature(value) -> Any:
-    """``model.distill.temperature``: ``"itc"`` or a positive float."""
+def read_temperature(value) -> Any:
+    """``model.distill.temperature``: ``"itc"`` or a positive finite float; None if neither."""
     if isinstance(value, str) and value.strip().lower() == "itc":
         return "itc"
     try:
         t = float(value)
     except (TypeError, ValueError):
-        t = None
-    if isinstance(value, bool) or t is None or not t > 0 or t != t or t == float("inf"):
-        raise ValueError(f"model.distill.temperature must be a positive number or 'itc', got {value!r}")
-    return t
+        return None
+    return None if isinstance(value, bool) or not 0 < t < float("inf") else t
 
 
-def _number(key: str, value, low=None, high=None, integer: bool = False, open_low: bool = False):
-    """``model.distill.<key>`` as an int or float in its range, or an error saying what it accepts."""
-    kind = "an integer" if integer else "a number"
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-        raise ValueError(f"model.distill.{key} must be {kind}, got {value!r}")
-    value = int(value) if integer else float(value)
-    if value != value or (low is not None and (value <= low if open_low else value < low)) or (
-            high is not None and value > high):
-        bounds = f"{'(' if open_low else '['}{low}, {'inf)' if high is None else f'{high}]'}"
-        raise ValueError(f"model.distill.{key}={value!r} is out of range: it must be in {bounds}")
-    return value
+def _temperature(value, where: str) -> List[str]:
+    if read_temperature(value) is None:
+        return [f"{where} must be a positive number or 'itc', got {value!r}"]
+    return []
 
 
-def _mapping(value, where: str) -> Dict[str, Any]:
-    if not isinstance(value, dict):
-        raise ValueError(f"{where} must be a mapping (loss, edge, ...), got {value!r}")
-    return dict(value)
+def _terms(value, where: str) -> List[str]:
+    if not isinstance(value, (list, tuple)) or not value:
+        return [f"{where} must be a non-empty list of edge terms"]
+    return [p for i, t in enumerate(value) if not isinstance(t, ConaclipTerm)
+            for p in check_value(CONACLIP_TERM, t, f"{where}[{i}]")]
 
 
-def _parse_edge(value, where: str) -> Tuple[str, str]:
-    nodes = tuple(str(value).split("-")) if value is not None else ()
-    if len(nodes) != 2 or any(n not in CONACLIP_NODES for n in nodes):
-        raise ValueError(f"{where}={value!r} is not an edge 'A-B' of nodes {list(CONACLIP_NODES)}")
-    if not any(n.startswith("S") for n in nodes):
-        raise ValueError(f"{where}={value!r} joins two teacher nodes: nothing to train")
-    return nodes  # type: ignore[return-value]
+def _mapping(value, where: str) -> List[str]:
+    """The teacher: a mapping (its keys are checked with the loss's, ``training/schema.py``) or null."""
+    if value is None or isinstance(value, dict):
+        return []
+    return [f"{where} must be a mapping (arch, checkpoint, ...), got {value!r}"]
 
 
-# The numeric fields of model.distill: (low, high, integer, open_low), inclusive bounds unless
-# open_low. valid_threshold is a match probability: above 1 no negative is ever valid (the
-# CPRD term is 0 on every step).
-RANGES: Dict[str, Tuple[Any, Any, bool, bool]] = {
-    "weight": (0.0, None, False, False),
-    "num_hard_negatives": (1, None, True, False),
-    "valid_threshold": (0.0, 1.0, False, False),
-    "start_epoch": (0, None, True, False),
-    "teacher_temp": (0.0, None, False, True),
+def _teacher_kind(loss: str) -> str:
+    return get_loss(loss).teacher or "cross"
+
+
+def _distill_rules(raw: Dict[str, Any], where: str) -> List[str]:
+    """What one key's value allows of another's: a teacher cache holds a cross-encoder's scores."""
+    loss = raw.get("loss", "none")
+    if _teacher_kind(loss) == "cross":
+        return []
+    return [f"{where}.{key} holds cross-encoder scores; loss={loss!r} uses a dual-encoder teacher's embeddings: "
+            f"set {key}: null" for key in ("teacher_cache", "teacher_record") if raw.get(key)]
+
+
+# Every key of model.distill (the fields of DistillConfig, which say what each does); its
+# numbers are never read from text. valid_threshold is a match probability: above 1 no negative
+# is ever valid (the CPRD term is 0 on every step). The teacher's own keys depend on the loss:
+# training/schema.py adds them.
+FOLDER = Key(str, nullable=True, what="a folder path or null")
+DISTILL_KEYS: Dict[str, Key] = {
+    "loss": Key(str, choices=list_losses),
+    "weight": num(0, text=False),
+    "num_hard_negatives": count(1),  # K; that a batch and the training split can feed K: datasets/split_sizes.py
+    "valid_threshold": num(0, 1, text=False),
+    "drop_above_positive": FLAG,
+    "start_epoch": count(0),
+    "temperature": Key(check=_temperature),
+    "detach_temperature": FLAG,
+    "normalize": Key(str, choices=NORMALIZATIONS),
+    "teacher_temp": num(0, open_low=True, text=False),
+    "mining_scope": Key(str, choices=MINING_SCOPES),
+    "conaclip": Key(check=_terms),
+    "teacher": Key(check=_mapping),
+    "teacher_cache": FOLDER,
+    "teacher_record": FOLDER,
 }
+DISTILL = Key(dict, nullable=True, keys=DISTILL_KEYS, check=_distill_rules)
 
 
 @dataclass
@@ -181,57 +223,32 @@ class DistillConfig:
 
     @classmethod
     def from_cfg(cls, cfg) -> "DistillConfig":
+        """``model.distill`` checked against :data:`DISTILL` (every problem, each naming its key)."""
         if cfg is None:
             return cls()
         raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(raw) - set(known))
-        if unknown:
-            raise ValueError(unknown_keys("model.distill", unknown, known))
-        out = cls(**raw)
-        out.validate()
-        return out
+        _problems(check_value(DISTILL, raw, WHERE))
+        return cls(**raw)._read()
 
     def validate(self) -> None:
-        """Types and ranges of every field, each error naming ``model.distill.<key>`` and what it accepts."""
-        get_loss(self.loss)  # fails listing the registered losses
-        for key, bounds in RANGES.items():
-            setattr(self, key, _number(key, getattr(self, key), *bounds))
-        for key in ("drop_above_positive", "detach_temperature"):
-            if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"model.distill.{key} must be true or false, got {getattr(self, key)!r}")
-        for key, choices in (("mining_scope", MINING_SCOPES), ("normalize", NORMALIZATIONS)):
-            if getattr(self, key) not in choices:
-                raise ValueError(f"model.distill.{key}={getattr(self, key)!r} is not one of {list(choices)}"
-                                 f"{suggest(getattr(self, key), choices)}")
-        self.temperature = parse_temperature(self.temperature)
-        if self.teacher is None:
-            self.teacher = {}
-        if not isinstance(self.teacher, dict):
-            raise ValueError(f"model.distill.teacher must be a mapping (arch, checkpoint, ...), got {self.teacher!r}")
-        if not isinstance(self.conaclip, (list, tuple)) or not self.conaclip:
-            raise ValueError("model.distill.conaclip must be a non-empty list of edge terms")
-        self.conaclip = [
-            t if isinstance(t, ConaclipTerm) else ConaclipTerm.parse(_mapping(t, f"model.distill.conaclip[{i}]"),
-                                                                     f"model.distill.conaclip[{i}]")
-            for i, t in enumerate(self.conaclip)
-        ]
-        for key in ("teacher_cache", "teacher_record"):
-            value = getattr(self, key)
-            if value is not None and not isinstance(value, str):
-                raise ValueError(f"model.distill.{key} must be a folder path or null, got {value!r}")
-            if value and self.teacher_kind != "cross":
-                raise ValueError(
-                    f"model.distill.{key} holds cross-encoder scores; loss={self.loss!r} uses a dual-encoder "
-                    f"teacher's embeddings: set {key}: null"
-                )
+        """This config's fields checked against :data:`DISTILL`, and read."""
+        _problems(check_value(DISTILL, {f.name: getattr(self, f.name) for f in fields(self)}, WHERE))
+        self._read()
+
+    def _read(self) -> "DistillConfig":
         # The teacher's arch is checked against the registered adapters when the objective is
         # built (``distill.objective``): this module stays free of teacher imports.
+        for name, key in DISTILL_KEYS.items():
+            setattr(self, name, read(key, getattr(self, name)))
+        self.temperature = read_temperature(self.temperature)
+        self.teacher = self.teacher or {}
+        self.conaclip = [t if isinstance(t, ConaclipTerm) else ConaclipTerm.read(t) for t in self.conaclip]
+        return self
 
     @property
     def teacher_kind(self) -> str:
         """``dual`` (ConaCLIP: the teacher embeds) or ``cross`` (the teacher scores pairs)."""
-        return get_loss(self.loss).teacher or "cross"
+        return _teacher_kind(self.loss)
 
     @property
     def uses_teacher_positive(self) -> bool:

@@ -1,20 +1,11 @@
-"""Teacher-score cache: cross-encoder logits precomputed for each training item against its
-top-M candidates under a fixed dual encoder, read by the training step instead of running
-the teacher.
+"""Teacher-score cache, as training uses it: cross-encoder logits precomputed for each
+training item against its top-M candidates under a fixed dual encoder, read by the training
+step instead of running the teacher (:class:`TeacherScoreCache`), and the logits a run
+computed, recorded to be read by a later run (:class:`TeacherScoreRecord`).
 
-Layout of a cache folder (built by ``lavis-cprd cache-teacher``, ``distill.cache_builder``)::
-
-    manifest.json     settings the cache was built with (checked on resume), the identity of
-                      the teacher that scored it and the sha256 of every file written so far
-    captions.json     the distinct processed captions; shards refer to them by index
-    embeddings.pt     the fixed encoder's image and caption embeddings (reused on resume)
-    shard_00000.pt    {"image": [P], "caption": [P], "logit": [P]} for one block of queries
-
-Queries are every caption (against its own image and its top-M other images) and every image
-(against its own captions and its top-M other captions). Each shard covers ``shard_size``
-queries, is written to a temporary file and renamed, and its checksum then goes into the
-manifest (also replaced atomically). A rerun verifies every file and computes just the
-missing or damaged ones; loading refuses a damaged file (``distill.cache_integrity``).
+The folder's layout, its manifest and checksums are ``distill.cache_integrity``'s; building,
+resuming and repairing one (``lavis-cprd cache-teacher``) are ``distill.cache_builder``'s.
+Loading refuses a damaged file.
 
 Keys are ``(image_id, caption text)``: ``image_id`` as the training dataset hands it to the
 model (LAVIS's per-split image index) and the caption after the split's text processor.
@@ -31,19 +22,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from lavis_cprd import distributed
 from lavis_cprd.checkpoints import atomic_json, atomic_save
 from lavis_cprd.distill.cache_integrity import (
-    CACHE_VERSION, CAPTIONS, MANIFEST, read_manifest, verified_bytes,
+    CAPTIONS, MANIFEST, new_manifest, read_manifest, shard_name, shard_path, verified_bytes, write_manifest,
 )
 from lavis_cprd.hashing import sha256_of_file
-
-
-def shard_name(index: int) -> str:
-    return f"shard_{index:05d}.pt"
-
-
-def shard_path(root: str, index: int) -> str:
-    return os.path.join(root, shard_name(index))
 
 
 # --------------------------------------------------------------------------- reading
@@ -135,8 +119,6 @@ class TeacherScoreRecord:
         """Write (or rewrite) ``root`` as a one-shard cache of every pair recorded so far, the
         records of all ranks merged; returns its number of distinct pairs. Call it on every rank.
         ``teacher_identity`` (``cache_integrity.teacher_identity``) is what a reader's teacher must match."""
-        from lavis_cprd import distributed
-
         parts = distributed.gather_objects({distributed.get_rank(): (list(self.caption_index), self.parts)})
         captions: Dict[str, int] = {}
         image_ids, caption_ids, logits = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)], [torch.zeros(0)]
@@ -157,7 +139,6 @@ class TeacherScoreRecord:
             atomic_save({"image": cache.keys // cache.num_captions, "caption": cache.keys % cache.num_captions,
                          "logit": cache.logits}, shard_path(root, 0))
             files = {name: sha256_of_file(os.path.join(root, name)) for name in (CAPTIONS, shard_name(0))}
-            atomic_json({"version": CACHE_VERSION, "num_shards": 1, "recorded": True, "num_pairs": len(cache),
-                         "num_captions": len(captions), "settings": settings or {}, "teacher": teacher_identity,
-                         "files": files}, os.path.join(root, MANIFEST))
+            write_manifest(root, new_manifest(1, len(captions), recorded=True, num_pairs=len(cache), settings=settings,
+                                              teacher=teacher_identity, files=files))
         return len(cache)

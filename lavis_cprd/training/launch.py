@@ -14,18 +14,24 @@ import numpy as np
 import torch
 import torch.backends.cudnn as cudnn
 
-import lavis_cprd  # noqa: F401  (registrations must exist before Config is built)
 import lavis.tasks as tasks
 from lavis.common.config import Config
 from lavis.common.dist_utils import get_rank, is_main_process, setup_for_distributed
 from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
 from lavis.common.utils import now
+from omegaconf import OmegaConf
 
 from lavis_cprd.distributed import broadcast_object, resolve_device
 from lavis_cprd.errors import ConfigError
+from lavis_cprd.training import lavis_patches
 from lavis_cprd.training.job_folder import ClaimedJob, find_resume_checkpoint, lock_job_folder
-from lavis_cprd.training.schema import name_problems, prepare_config
+from lavis_cprd.training.validation import name_problems, validate_config
+
+# (Importing this module imports the package lavis_cprd first: its registrations exist before
+# any Config is built.)
+DEFAULT_RUNNER = "cprd_runner"  # LAVIS's default runner needs CUDA
+
 
 def make_parser(description: str, resume: bool = False) -> argparse.ArgumentParser:
     """LAVIS's train.py/evaluate.py arguments: ``--cfg-path`` and ``--options``."""
@@ -46,7 +52,7 @@ def make_parser(description: str, resume: bool = False) -> argparse.ArgumentPars
 
 def load_config(args: argparse.Namespace) -> Config:
     """LAVIS's ``Config`` of ``--cfg-path`` and ``--options``, checked in full and prepared
-    (``schema.prepare_config``). What LAVIS's ``Config`` itself asserts on (the sections, the
+    (:func:`prepare_config`). What LAVIS's ``Config`` itself asserts on (the sections, the
     model's arch, the dataset names) is checked first, with errors that name the key."""
     if not os.path.isfile(args.cfg_path):
         raise FileNotFoundError(f"--cfg-path {args.cfg_path!r} does not exist")
@@ -57,15 +63,35 @@ def load_config(args: argparse.Namespace) -> Config:
 
 
 def check_names(cfg_path: str, options) -> None:
-    """``schema.name_problems`` of the experiment file with its ``--options``, before LAVIS's
+    """``validation.name_problems`` of the experiment file with its ``--options``, before LAVIS's
     ``Config`` looks the names up (and asserts)."""
-    from omegaconf import OmegaConf
-
     dotlist = Config._convert_to_dot_list(None, list(options or []))  # LAVIS also takes "key value" pairs
     raw = OmegaConf.merge(OmegaConf.load(cfg_path), OmegaConf.from_dotlist(dotlist))
     problems = name_problems(OmegaConf.to_container(raw))
     if problems:
         raise ConfigError(problems, cfg_path)
+
+
+def prepare_config(cfg, source: str = "config") -> None:
+    """What every entry point does to LAVIS's merged ``Config`` before anything is built (ours
+    in :func:`load_config`; LAVIS's train.py/evaluate.py through ``cprd_retrieval``'s
+    ``setup_task``): fill in what LAVIS 1.0.2 gets wrong off Salesforce's machines, then
+    ``validation.validate_config``. Idempotent.
+
+    - ``run.output_dir``: LAVIS joins a relative one onto its own package folder; users mean
+      their working directory.
+    - ``run.runner``: ``cprd_runner`` unless set (LAVIS's default runner needs CUDA).
+    - ``run.device: auto``: CUDA when present, else CPU (LAVIS's runner takes a device name).
+    - LAVIS's cache root (its default is Salesforce's ``/export/home``): ``run.cache_root``,
+      else ``$LAVIS_CACHE_ROOT``, else ``~/.cache/lavis``.
+    """
+    validate_config(cfg.config, source)
+    run = cfg.run_cfg
+    run.output_dir = os.path.abspath(os.path.expanduser(run.get("output_dir", "output")))
+    run.runner = run.get("runner", None) or DEFAULT_RUNNER
+    if str(run.get("device", "auto")) == "auto":
+        run.device = str(resolve_device("auto"))
+    lavis_patches.set_cache_root(run.get("cache_root", None) or os.environ.get("LAVIS_CACHE_ROOT") or "~/.cache/lavis")
 
 
 # How long a collective may wait: rank 0 downloads checkpoints and datasets while the others

@@ -42,9 +42,12 @@ PATCHES = (
           "it all-reduces its counters on cuda, even under gloo"),
     Patch("no_epoch_sleep", "dataloader_utils.time",
           "IterLoader sleeps 2 s at each epoch boundary for loader workers; with num_workers 0 there are none"),
-    Patch("skippable_steps", "optimizer.step inside BaseTask.train_inner_loop",
-          "a skipped (non-finite) step must not move the weights: a zero gradient still would, through "
-          "AdamW's moments and weight decay"),
+    Patch("skippable_steps", "optimizer.step and optimizer.zero_grad inside BaseTask._train_inner_loop "
+          "(entered by CprdRetrievalTask._train_inner_loop through NonfiniteSteps.window)",
+          "the loop steps every run.accum_grad_iters micro-batches with no hook: an accumulation window "
+          "with a non-finite loss (training/nonfinite.py) must not move the weights, and a zero gradient "
+          "still would, through AdamW's moments and weight decay; zero_grad, called after every step, "
+          "ends the window"),
     Patch("set_cache_root", 'registry.mapping["paths"]["cache_root"]',
           "LAVIS's default is Salesforce's /export/home; register_path refuses to change it once set"),
     Patch("strict_image_loading", "PIL.ImageFile.LOAD_TRUNCATED_IMAGES",
@@ -65,7 +68,7 @@ OVERRIDES = {  # LAVIS 1.0.2 behaviour our subclasses replace, where they live
     "init_distributed_mode hard-codes CUDA and nccl; evaluate.py ignores run.runner": "training/launch.py",
     "Config asserts (bare AssertionError) on an unknown model_type": "models/model_types.py: NamedModelTypes",
     "Config validates nothing; a relative output_dir lands in LAVIS's package; device 'auto' is unknown to RunnerBase":
-        "training/schema.py: prepare_config (from launch.load_config and CprdRetrievalTask.setup_task)",
+        "training/launch.py: prepare_config (from launch.load_config and CprdRetrievalTask.setup_task)",
     "BaseModel.load_checkpoint loads with strict=False (a wrong checkpoint leaves random weights)":
         "checkpoints.py: load_state",
     "No plugin mechanism: LAVIS's train.py/evaluate.py never import lavis_cprd": "lavis_cprd_hook.py (lavis_cprd.pth)",
@@ -135,20 +138,23 @@ def no_epoch_sleep(num_workers: int) -> contextlib.AbstractContextManager:
 
 
 @contextlib.contextmanager
-def skippable_steps(optimizer, skip: Callable[[], bool]) -> Iterator[None]:
-    """``optimizer.step`` does nothing while ``skip()`` says the step was skipped."""
-    step = optimizer.step
+def skippable_steps(optimizer, skip: Callable[[], bool], window_closed: Callable[[], None]) -> Iterator[None]:
+    """``optimizer.step`` does nothing while ``skip()``; ``optimizer.zero_grad`` calls
+    ``window_closed()`` first (LAVIS calls it after every window, also one whose step the fp16
+    GradScaler declined)."""
+    step, zero_grad = optimizer.step, optimizer.zero_grad
 
     def guarded(*args, **kwargs):
         if skip():
             return None
         return step(*args, **kwargs)
 
-    optimizer.step = guarded
-    try:
+    def closing(*args, **kwargs):
+        window_closed()
+        return zero_grad(*args, **kwargs)
+
+    with mock.patch.object(optimizer, "step", guarded), mock.patch.object(optimizer, "zero_grad", closing):
         yield
-    finally:
-        optimizer.step = step
 
 
 @contextlib.contextmanager

@@ -1,73 +1,28 @@
-"""Start-up validation of a whole experiment config, as LAVIS's ``Config`` merged it: every key
-under ``run``, ``model`` (lavis-cprd's models) and ``datasets.<name>`` must be known (LAVIS's
-own keys included), of the right type and in range. Every problem is collected and raised at
-once (:class:`ConfigError`), each naming its key, with "did you mean" suggestions from the
-keys valid at that place, or the valid range or choices.
-
-:func:`validate_config` runs in every lavis-cprd entry point (``launch.load_config``) and in
-the ``cprd_retrieval`` task's ``setup_task``, so LAVIS's own ``train.py``/``evaluate.py``
-check too. ``model.distill`` is checked by its own class (``DistillConfig``), the generator
-of ``cprd_shapes`` by ``ShapesSpec``: their rules live with them, this module reports them.
+"""The tables of every key of an experiment config, as LAVIS's ``Config`` merged it: under
+``run``, ``model`` (lavis-cprd's models) and ``datasets.<name>`` every key must be known
+(LAVIS's own keys included), of the right type and in range. :data:`CONFIG` is the tree, read
+by :mod:`lavis_cprd.config_schema` (the checking engine) and ``training/validation.py`` (a
+whole config, every problem at once). ``model.distill``'s keys are ``distill/config.py``'s
+(:data:`DISTILL_KEYS`), the ``cprd_shapes`` generator's ``ShapesSpec``'s: they live with them.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from dataclasses import replace
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from lavis.common.registry import registry
-from omegaconf import DictConfig, OmegaConf
 
-from lavis_cprd.errors import ConfigError, suggest, unknown_key
+from lavis_cprd.config_schema import ANY, FLAG, FREE_MAP, PATH, TEXT, Key, Problem, choice, count, num
+from lavis_cprd.datasets.shapes import ShapesSpec
+from lavis_cprd.distill.config import DISTILL, DISTILL_KEYS
+from lavis_cprd.distill.registry import get_loss, list_losses
+from lavis_cprd.errors import suggest
+from lavis_cprd.teachers import available_teachers
+from lavis_cprd.teachers.base import TEACHER_PRECISIONS
 
-Problem = str
-
-
-# ------------------------------------------------------------------------- keys
-Choices = Union[Sequence[Any], Callable[[], Sequence[Any]]]
-
-
-@dataclass(frozen=True)
-class Key:
-    """What one config key may hold. ``kind``: ``int``, ``float``, ``bool``, ``str``, ``list``,
-    ``dict`` or ``None`` (anything). Numbers may have a range (``low``/``high``, inclusive unless
-    ``open_low``); ``choices`` may be a callable (e.g. a registry's names, read when checked)."""
-
-    kind: Optional[type] = None
-    low: Optional[float] = None
-    high: Optional[float] = None
-    open_low: bool = False
-    choices: Optional[Choices] = None
-    nullable: bool = False
-    keys: Optional[Mapping[str, "Key"]] = None  # a mapping with exactly these keys
-    values: Optional["Key"] = None  # a mapping with free keys, each value a ``values``
-    check: Optional[Callable[[Any, str], List[Problem]]] = None  # a custom check (value, where)
-
-    @property
-    def range_text(self) -> str:
-        low = "-inf" if self.low is None else f"{self.low:g}"
-        high = "inf" if self.high is None else f"{self.high:g}"
-        return f"{'(' if self.open_low or self.low is None else '['}{low}, {high}{']' if self.high is not None else ')'}"
-
-
-def num(low=None, high=None, integer=False, open_low=False, nullable=False) -> Key:
-    return Key(int if integer else float, low, high, open_low, nullable=nullable)
-
-
-def count(low: int = 1, nullable: bool = False) -> Key:
-    """An integer of at least ``low``."""
-    return num(low, integer=True, nullable=nullable)
-
-
-FLAG, TEXT, ANY = Key(bool), Key(str), Key()
-PATH = Key(str, nullable=True)  # a file or folder; null/empty = not set
-FREE_MAP = Key(dict, nullable=True)
 SPLITS = Key(list, check=lambda v, w: [f"{w} must be a list of split names, got {v!r}"]
              if not all(isinstance(s, str) for s in v) else [])
-
-
-def choice(*values, nullable: bool = False) -> Key:
-    return Key(None, choices=values, nullable=nullable)
 
 
 def registered(mapping: str) -> Key:
@@ -81,7 +36,6 @@ def _device(value, where) -> List[Problem]:
     return []
 
 
-# ------------------------------------------------------------------------ schema
 # ``run``: LAVIS's own keys (its runner validator's, plus those its runner and tasks read),
 # then lavis-cprd's.
 RUN: Dict[str, Key] = {
@@ -191,11 +145,8 @@ TEACHER_MODEL: Dict[str, Key] = {
 }
 
 
-def _teacher_keys(kind: Optional[str] = None) -> Dict[str, Key]:
+def _teacher_keys(kind: Optional[str]) -> Dict[str, Key]:
     """A teacher's keys; ``kind`` (``cross``/``dual``, the loss's) narrows the adapters."""
-    from lavis_cprd.teachers import available_teachers
-    from lavis_cprd.teachers.base import TEACHER_PRECISIONS
-
     return {
         "arch": Key(str, choices=lambda: available_teachers(kind)),
         "model_type": TEXT,  # checked by the adapter when the teacher is built, at start-up
@@ -210,24 +161,15 @@ def _teacher_keys(kind: Optional[str] = None) -> Dict[str, Key]:
     }
 
 
-def _distill(value, where: str) -> List[Problem]:
-    """``model.distill`` is checked by ``DistillConfig`` (its rules live there) and its
-    ``teacher`` mapping here."""
-    from lavis_cprd.distill.config import DistillConfig
-    from lavis_cprd.distill.registry import list_losses, get_loss
-
-    problems = []
-    raw = dict(value)
-    teacher = raw.get("teacher")
-    loss = raw.get("loss", "none")
-    kind = get_loss(loss).teacher if isinstance(loss, str) and loss in list_losses() else "?"
-    if teacher is not None and kind is not None:  # a loss without a teacher never reads it
-        problems += check_value(Key(dict, keys=_teacher_keys(None if kind == "?" else kind)), teacher, f"{where}.teacher")
-    try:
-        DistillConfig.from_cfg(raw)
-    except (ValueError, TypeError) as e:
-        problems.append(str(e))
-    return problems
+def _distill_keys(distill: Mapping) -> Dict[str, Key]:
+    """``model.distill``'s keys, its teacher's those of the loss's teacher kind: any adapter
+    for an unknown loss; a loss without a teacher never reads them."""
+    loss = distill.get("loss", "none")
+    kind = get_loss(loss).teacher if isinstance(loss, str) and loss in list_losses() else "any"
+    teacher = DISTILL_KEYS["teacher"]
+    if kind is not None:
+        teacher = replace(teacher, keys=_teacher_keys(None if kind == "any" else kind))
+    return {**DISTILL_KEYS, "teacher": teacher}
 
 
 _COMPILE = Key(check=lambda v, w: [] if isinstance(v, (bool, dict)) or v is None
@@ -236,7 +178,7 @@ _COMPILE = Key(check=lambda v, w: [] if isinstance(v, (bool, dict)) or v is None
 STUDENT: Dict[str, Key] = {
     "temp": num(0, 0.5, open_low=True, nullable=True),
     "compile": _COMPILE,
-    "distill": Key(dict, nullable=True, check=_distill),
+    "distill": replace(DISTILL, keys=_distill_keys),
 }
 
 MODELS: Dict[str, Dict[str, Key]] = {
@@ -256,7 +198,7 @@ MODELS: Dict[str, Dict[str, Key]] = {
 # The keys LAVIS 1.0.2's processors read (their from_config), by registry name; a processor
 # not listed here (a plugin's) may read keys of its own, and only its name is checked.
 PROCESSOR_KEYS: Dict[str, Key] = {
-    "name": TEXT, "image_size": count(1), "min_scale": num(0, 1, open_low=True), "max_scale": num(0, 1, open_low=True),
+    "image_size": count(1), "min_scale": num(0, 1, open_low=True), "max_scale": num(0, 1, open_low=True),
     "max_words": count(1), "prompt": TEXT, "mean": Key(list, nullable=True), "std": Key(list, nullable=True),
     "n_frms": count(1),
 }
@@ -270,20 +212,24 @@ PROCESSORS: Dict[str, Tuple[str, ...]] = {
 }
 
 
-def _processor(value, where: str) -> List[Problem]:
-    value = dict(value)
-    name = value.get("name")
+def _processor_name(value, where: str) -> List[Problem]:
     names = sorted(registry.mapping["processor_name_mapping"])
-    known = isinstance(name, str) and name in names
-    problems = [] if known else [
-        f"{where}.name={name!r} is not a registered processor{suggest(name, names)}; choose from {names}"]
-    if known and name not in PROCESSORS:
-        return problems  # another processor's keys are its own
-    allowed = ("name", *PROCESSORS[name]) if known else tuple(PROCESSOR_KEYS)
-    return problems + check_mapping({k: PROCESSOR_KEYS[k] for k in allowed}, value, where)
+    if isinstance(value, str) and value in names:
+        return []
+    return [f"{where}={value!r} is not a registered processor{suggest(value, names)}; choose from {names}"]
 
 
-PROCESSOR = Key(dict, nullable=True, values=Key(dict, nullable=True, check=_processor))
+def _processor_keys(processor: Mapping) -> Optional[Dict[str, Key]]:
+    """The keys a processor reads: LAVIS's, listed above; another registered processor's are
+    its own (None: any key); an unknown name, every key of any (its name is the problem)."""
+    name = processor.get("name")
+    if isinstance(name, str) and name in registry.mapping["processor_name_mapping"] and name not in PROCESSORS:
+        return None
+    reads = PROCESSORS[name] if isinstance(name, str) and name in PROCESSORS else tuple(PROCESSOR_KEYS)
+    return {"name": Key(check=_processor_name, required=True), **{k: PROCESSOR_KEYS[k] for k in reads}}
+
+
+PROCESSOR = Key(dict, nullable=True, values=Key(dict, nullable=True, keys=_processor_keys))
 
 
 # Every dataset (LAVIS's BaseDatasetBuilder reads these), then lavis-cprd's own.
@@ -309,8 +255,6 @@ DATASET: Dict[str, Key] = {
 
 
 def _generator(value, where: str) -> List[Problem]:
-    from lavis_cprd.datasets.shapes import ShapesSpec
-
     try:
         ShapesSpec.from_config(value)
     except (ValueError, TypeError) as e:
@@ -327,178 +271,24 @@ DATASETS: Dict[str, Dict[str, Key]] = {
     },
 }
 
-TOP_LEVEL = ("run", "model", "datasets", "preprocess")
 
-
-# ------------------------------------------------------------------------- check
-def _kind_ok(kind: Optional[type], value) -> bool:
-    if kind is None:
-        return True
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind)
-
-
-def check_value(key: Key, value, where: str) -> List[Problem]:
-    """The problems of ``value`` at ``where`` (a dotted path) against ``key``."""
-    if value is None or (value == "" and key.nullable):
-        return [] if key.nullable or key.kind is None else [f"{where} must be set (a {key.kind.__name__}), got null"]
-    if key.kind is float and isinstance(value, str):  # LAVIS casts with float(): "5e-4" works
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if not _kind_ok(key.kind, value):
-        return [f"{where} must be a {'number' if key.kind is float else key.kind.__name__}, got {value!r}"]
-    if key.low is not None or key.high is not None:
-        low_bad = key.low is not None and (value <= key.low if key.open_low else value < key.low)
-        if low_bad or (key.high is not None and value > key.high):
-            return [f"{where}={value!r} is out of range: it must be in {key.range_text}"]
-    if key.choices is not None:
-        choices = list(key.choices() if callable(key.choices) else key.choices)
-        if value not in choices:
-            return [f"{where}={value!r} is not one of {choices}{suggest(value, [str(c) for c in choices])}"]
-    problems: List[Problem] = []
-    if key.keys is not None:
-        problems += check_mapping(key.keys, value, where)
-    if key.values is not None:
-        for name, item in value.items():
-            problems += check_value(key.values, item, f"{where}.{name}")
-    if key.check is not None and not problems:
-        problems += key.check(value, where)
-    return problems
-
-
-def check_mapping(schema: Mapping[str, Key], value: Mapping, where: str) -> List[Problem]:
-    problems = [unknown_key(where, k, list(schema)) for k in value if k not in schema]
-    for name, key in schema.items():
-        if name in value:
-            problems += check_value(key, value[name], f"{where}.{name}")
-    return problems
-
-
-def name_problems(raw: Dict[str, Any]) -> List[Problem]:
-    """What LAVIS's ``Config`` asserts on before anything can be validated: the top-level
-    sections, a registered ``model.arch`` and ``model_type``, registered dataset names (it
-    fails there with a bare ``AssertionError`` or ``AttributeError``)."""
-    problems = [f"unknown top-level key {k!r}{suggest(k, TOP_LEVEL)}; valid keys: {list(TOP_LEVEL)}"
-                for k in raw if k not in TOP_LEVEL]
-    problems += [f"the config has no {k!r} section" for k in ("model", "datasets", "run") if not raw.get(k)]
-    model = raw.get("model") or {}
-    models = sorted(registry.mapping["model_name_mapping"])
+def _model_keys(model: Mapping) -> Optional[Dict[str, Key]]:
+    """The keys of ``model.arch``'s model; LAVIS's own models read keys of their own (None);
+    an unknown arch (``validation.name_problems`` names it), every key of ours: typos, at least."""
     arch = model.get("arch")
-    if model and (not isinstance(arch, str) or arch not in models):
-        problems.append(f"model.arch={arch!r} is not a registered model{suggest(arch, models)}; choose from {models}")
-    elif model and "model_type" in model:
-        types = sorted(getattr(registry.get_model_class(arch), "PRETRAINED_MODEL_CONFIG_DICT", {}))
-        model_type = model["model_type"]
-        if types and (not isinstance(model_type, str) or model_type not in types):
-            problems.append(f"model.model_type={model_type!r} is not one of {types} for {arch}{suggest(model_type, types)}")
-    builders = sorted(registry.mapping["builder_name_mapping"])
-    problems += [f"datasets.{name}: no dataset builder {name!r} is registered{suggest(name, builders)}; "
-                 f"choose from {builders}" for name in (raw.get("datasets") or {}) if name not in builders]
-    return problems
-
-
-def config_problems(config: Union[DictConfig, Dict[str, Any]]) -> List[Problem]:
-    """Every problem of a merged experiment config (``Config.config``), or []."""
-    raw = OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)
-    problems = name_problems(raw)
-    run = raw.get("run") or {}
-    problems += check_mapping(RUN, run, "run")
-    model = raw.get("model") or {}
-    arch = model.get("arch")
-    schema = MODELS.get(arch) if isinstance(arch, str) else None
-    if schema is not None:  # LAVIS's own models read keys of their own
-        problems += check_mapping(schema, model, "model")
-    elif not isinstance(arch, str) or arch not in registry.mapping["model_name_mapping"]:  # typos, at least
-        every = {k for keys in MODELS.values() for k in keys}
-        problems += [unknown_key("model", k, sorted(every)) for k in model if k not in every]
-    for name, dataset in (raw.get("datasets") or {}).items():
-        problems += check_mapping(DATASETS.get(name, DATASET), dataset or {}, f"datasets.{name}")
-    problems += _cross_checks(run, model)
-    return problems
-
-
-def _cross_checks(run: Dict[str, Any], model: Dict[str, Any]) -> List[Problem]:
-    distill = model.get("distill") or {}
-    if not isinstance(distill, dict):
-        return []
-    start, epochs, loss = distill.get("start_epoch", 0), run.get("max_epoch"), distill.get("loss", "none")
-    if loss != "none" and _kind_ok(int, start) and _kind_ok(int, epochs) and 1 <= epochs <= start:
-        return [f"model.distill.start_epoch={start} is out of range: with run.max_epoch={epochs} distillation would "
-                f"never start; it must be in [0, {epochs - 1}]"]
-    return []
-
-
-def key_at(path: str, arch: str = "cprd_dual_encoder") -> Optional[Key]:
-    """The :class:`Key` that checks the dotted ``path`` (``run.init_lr``,
-    ``datasets.cprd_shapes.build_info.images.storage``, ...), or None where a key's own class
-    checks it (``model.distill`` but its ``teacher``, a ``generator``) or nothing does."""
-    parts = path.split(".")
-    if parts[0] == "run":
-        node: Mapping[str, Key] = RUN
-    elif parts[0] == "model":
-        node = MODELS.get(arch, {})
-    elif parts[0] == "datasets" and len(parts) > 2:
-        node, parts = DATASETS.get(parts[1], DATASET), parts[1:]
-    else:
+    if isinstance(arch, str) and arch in MODELS:
+        return MODELS[arch]
+    if isinstance(arch, str) and arch in registry.mapping["model_name_mapping"]:
         return None
-    if parts[:2] == ["model", "distill"] and len(parts) == 3:
-        from lavis_cprd.distill.config import RANGES
-
-        if parts[2] not in RANGES:
-            return None
-        low, high, integer, open_low = RANGES[parts[2]]
-        return num(low, high, integer=integer, open_low=open_low)
-    key = None
-    for i, part in enumerate(parts[1:]):
-        if parts[i] == "distill" and part == "teacher":
-            key = Key(dict, keys=_teacher_keys())
-        elif key is not None and key.values is not None:
-            key = key.values
-        else:
-            key = node.get(part) if node is not None else None
-        if key is None:
-            return None
-        node = key.keys if key.keys is not None else PROCESSOR_KEYS if key.check is _processor else None
-    return key
+    return {k: ANY for keys in MODELS.values() for k in keys}
 
 
-def validate_config(config, source: str = "config") -> None:
-    """Raise :class:`ConfigError` listing every problem of a merged experiment config."""
-    problems = config_problems(config)
-    if problems:
-        raise ConfigError(problems, source)
-
-
-DEFAULT_RUNNER = "cprd_runner"
-
-
-def prepare_config(cfg, source: str = "config") -> None:
-    """What every entry point does to LAVIS's merged ``Config`` before anything is built (ours
-    in ``launch.load_config``; LAVIS's train.py/evaluate.py through ``cprd_retrieval``'s
-    ``setup_task``): fill in what LAVIS 1.0.2 gets wrong off Salesforce's machines, then
-    :func:`validate_config`. Idempotent.
-
-    - ``run.output_dir``: LAVIS joins a relative one onto its own package folder; users mean
-      their working directory.
-    - ``run.runner``: ``cprd_runner`` unless set (LAVIS's default runner needs CUDA).
-    - ``run.device: auto``: CUDA when present, else CPU (LAVIS's runner takes a device name).
-    - LAVIS's cache root (its default is Salesforce's ``/export/home``): ``run.cache_root``,
-      else ``$LAVIS_CACHE_ROOT``, else ``~/.cache/lavis``.
-    """
-    import os
-
-    from lavis_cprd.distributed import resolve_device
-    from lavis_cprd.training import lavis_patches
-
-    validate_config(cfg.config, source)
-    run = cfg.run_cfg
-    run.output_dir = os.path.abspath(os.path.expanduser(run.get("output_dir", "output")))
-    run.runner = run.get("runner", None) or DEFAULT_RUNNER
-    if str(run.get("device", "auto")) == "auto":
-        run.device = str(resolve_device("auto"))
-    lavis_patches.set_cache_root(run.get("cache_root", None) or os.environ.get("LAVIS_CACHE_ROOT") or "~/.cache/lavis")
+# The whole config: every section, as LAVIS's Config merged it.
+CONFIG = Key(dict, keys={
+    "run": Key(dict, nullable=True, keys=RUN),
+    "model": Key(dict, nullable=True, keys=_model_keys),
+    "datasets": Key(dict, nullable=True, keys=lambda datasets: {
+        name: Key(dict, nullable=True, keys=DATASETS.get(name, DATASET)) for name in datasets}),
+    "preprocess": ANY,
+})
+TOP_LEVEL = tuple(CONFIG.keys)

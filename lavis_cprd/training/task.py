@@ -16,9 +16,9 @@ from lavis.tasks.retrieval import RetrievalTask
 from lavis_cprd.checkpoints import atomic_write
 from lavis_cprd.distributed import resolve_device
 from lavis_cprd.precision import AUTO, resolve_amp
-from lavis_cprd.training.schema import prepare_config
+from lavis_cprd.training.launch import prepare_config
+from lavis_cprd.training.nonfinite import NonfiniteSteps
 from lavis_cprd.training.tensorboard import TrainingBoard
-from lavis_cprd.training import lavis_patches
 from lavis_cprd.datasets.annotation_files import check_annotation_files, download_hints
 from lavis_cprd.datasets.checks import caption_checker, check_split
 from lavis_cprd.datasets.split_sizes import check_hard_negatives, check_split_sizes
@@ -39,21 +39,20 @@ class CprdRetrievalTask(RetrievalTask):
     ``RetrievalTask.evaluation`` (``model.compute_sim_matrix`` + ``_report_metrics``), so the
     metric keys are LAVIS's: ``txt_r1 ... img_r10, r_mean, agg_metrics``."""
 
-    skip_nonfinite_loss = False
-    skipped_steps = 0
-    _skip_update = False
-
     def __init__(self, cfg):
         super().__init__(cfg)
         self._epoch_terms: Dict[str, List[float]] = defaultdict(list)
         # run.skip_nonfinite_loss: false = a non-finite loss stops training with a message
-        # naming the term; true = the step is skipped (no optimizer update) and counted.
-        self.skip_nonfinite_loss = bool(cfg.get("skip_nonfinite_loss", False)) if cfg is not None else False
-        self.skipped_steps = 0
-        self._skip_update = False
+        # naming the term; true = the optimizer step is skipped and counted (training/nonfinite.py).
+        self.nonfinite = NonfiniteSteps.from_config(cfg)
         self.autocast_dtype = autocast_dtype(cfg)
         self.board = TrainingBoard(cfg.get("tensorboard", False) if cfg is not None else False)
         self._optimizer = None  # this epoch's, for the learning rate TensorBoard shows
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped for a non-finite loss so far (``run.skip_nonfinite_loss``)."""
+        return self.nonfinite.skipped_steps
 
     @property
     def epoch_terms(self) -> Dict[str, List[float]]:
@@ -64,7 +63,7 @@ class CprdRetrievalTask(RetrievalTask):
     @classmethod
     def setup_task(cls, cfg, **kwargs):
         """Where LAVIS's own ``train.py``/``evaluate.py`` hand over first: the config is checked
-        in full and prepared as in lavis-cprd's entry points (``schema.prepare_config``)."""
+        in full and prepared as in lavis-cprd's entry points (``launch.prepare_config``)."""
         prepare_config(cfg, source=getattr(getattr(cfg, "args", None), "cfg_path", "config"))
         return super().setup_task(cfg=cfg, **kwargs)
 
@@ -146,10 +145,8 @@ class CprdRetrievalTask(RetrievalTask):
         else:  # bf16: LAVIS's own autocast is CUDA fp16 only
             with torch.autocast(device_type=samples["image"].device.type, dtype=self.autocast_dtype):
                 output = model(samples)
-        bad = nonfinite_terms(output)
-        if _any_rank(bool(bad)):  # every rank takes the same branch, or DDP would hang
-            return self._nonfinite(model, samples, output, bad)
-        self._skip_update = False
+        if self.nonfinite.found(output):  # on any rank: every rank skips (or stops) alike
+            return self.nonfinite.skip(model, samples, output)
         terms = {}
         for term in _LOGGED_TERMS:
             value = output.get(term) if hasattr(output, "get") else None
@@ -163,35 +160,18 @@ class CprdRetrievalTask(RetrievalTask):
             self.board.step(step, terms, lr)
         return output["loss"]
 
-    def _nonfinite(self, model, samples, output, bad: List[str]):
-        where = f"epoch {samples.get('epoch', '?')}, step {samples.get('iters', '?')}"
-        values = ", ".join(f"{k}={float(v):.4g}" for k, v in _terms(output).items())
-        if not self.skip_nonfinite_loss:
-            raise FloatingPointError(
-                f"non-finite loss at {where}: {bad or 'on another rank'} ({values}). Lower run.init_lr, check the "
-                "data, or set run.skip_nonfinite_loss: true to skip such steps"
-            )
-        self.skipped_steps += 1
-        self._skip_update = True
-        logging.warning("skipping step at %s: non-finite %s (%s); %d skipped so far", where, bad or "loss on another rank",
-                        values, self.skipped_steps)
-        # A zero that reaches every trainable parameter: DDP's gradient hooks all fire as usual.
-        params = [p for p in model.parameters() if p.requires_grad]
-        return sum(p.sum() * 0.0 for p in params)
+    def _train_inner_loop(self, **kwargs):  # LAVIS's step loop, under train_epoch and train_iters alike
+        with self.nonfinite.window(kwargs["optimizer"], int(kwargs.get("accum_grad_iters", 1))):
+            return super()._train_inner_loop(**kwargs)
 
     def train_epoch(self, epoch, model, **kwargs):  # LAVIS's runner passes keywords
         unwrapped = getattr(model, "module", model)  # DDP wraps the model
         if hasattr(unwrapped, "set_epoch"):
             unwrapped.set_epoch(epoch)
         self._epoch_terms.clear()
-        optimizer = self._optimizer = kwargs.get("optimizer")
-        if optimizer is not None and int(kwargs.get("accum_grad_iters", 1)) == 1:
-            with lavis_patches.skippable_steps(optimizer, lambda: self._skip_update):
-                stats = super().train_epoch(epoch=epoch, model=model, **kwargs)
-        else:  # with gradient accumulation a skipped step only contributes zero gradients
-            stats = super().train_epoch(epoch=epoch, model=model, **kwargs)
-        if self.skipped_steps:
-            stats["skipped_nonfinite_steps"] = str(self.skipped_steps)
+        self._optimizer = kwargs.get("optimizer")
+        stats = super().train_epoch(epoch=epoch, model=model, **kwargs)
+        self.nonfinite.report(stats)
         for term, values in self._epoch_terms.items():
             stats[term] = "{:.4f}".format(sum(values) / len(values))
         last = self.cfg is not None and epoch == int(self.cfg.get("max_epoch", 0)) - 1
@@ -223,28 +203,6 @@ def autocast_dtype(run_cfg) -> Optional[torch.dtype]:
     """The dtype the task autocasts the training forward to itself (bf16); None when LAVIS
     handles it (fp16) or mixed precision is off."""
     return torch.bfloat16 if amp_mode(run_cfg) == "bf16" else None
-
-
-def _terms(output) -> Dict[str, torch.Tensor]:
-    names = ("loss",) + tuple(t for t in _LOGGED_TERMS if t.startswith("loss"))
-    return {k: output[k] for k in names if hasattr(output, "get") and output.get(k) is not None}
-
-
-def nonfinite_terms(output) -> List[str]:
-    """Names of the loss terms (``loss_itc``, ``loss_distill``, then ``loss``) that are NaN or inf."""
-    terms = _terms(output)
-    bad = [k for k, v in terms.items() if k != "loss" and not bool(torch.isfinite(v.detach()).all())]
-    if not bad and "loss" in terms and not bool(torch.isfinite(terms["loss"].detach()).all()):
-        bad = ["loss"]
-    return bad
-
-
-def _any_rank(flag: bool) -> bool:
-    if get_world_size() == 1:
-        return flag
-    t = torch.tensor([float(flag)], device="cuda" if torch.distributed.get_backend() == "nccl" else "cpu")
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def _dump_json(obj, path: str) -> None:
