@@ -149,9 +149,17 @@ def ensure_teacher(args: argparse.Namespace, out: str, decisions: Optional[List[
                                     "or train one with --retrain-teacher")
         warn_if_other_data(args)
         return PACKAGED_TEACHER
-    teacher_options = [*args.options, *args.teacher_options]
-    towers = train_run(args.teacher_itc_cfg, teacher_options, os.path.join(out, "teacher_itc"), decisions=decisions)
-    trained = train_run(args.teacher_cfg, [*teacher_options, f"model.pretrained={towers}"], os.path.join(out, "teacher"),
+    return train_teacher(args.teacher_itc_cfg, args.teacher_cfg, out, [*args.options, *args.teacher_options], decisions)
+
+
+def train_teacher(stage1_cfg: str, stage2_cfg: str, out: str, options: Sequence[str] = (),
+                  decisions: Optional[List[RunDecision]] = None) -> str:
+    """The two-stage teacher recipe (``lavis-cprd train-teacher``, ``--retrain-teacher``): stage 1
+    ITC-trains its towers into ``out/teacher_itc``, stage 2 fine-tunes them with BLIP's ITC + ITM
+    into ``out/teacher`` (each reused when done for the same request: ``train_run``); returns
+    the fp16 export of stage 2's best, the packaged teacher's format."""
+    towers = train_run(stage1_cfg, list(options), os.path.join(out, "teacher_itc"), decisions=decisions)
+    trained = train_run(stage2_cfg, [*options, f"model.pretrained={towers}"], os.path.join(out, "teacher"),
                         decisions=decisions)
     export = os.path.join(out, "teacher", TEACHER_EXPORT)
     if not os.path.isfile(export) or os.path.getmtime(export) < os.path.getmtime(trained):

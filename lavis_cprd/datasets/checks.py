@@ -20,7 +20,8 @@ SHOW = 3  # examples per problem kind in messages
 Reason = Tuple[str, str]  # (kind, detail)
 
 
-def _image_problem(path: str) -> Optional[Reason]:
+def image_problem(path: str) -> Optional[Reason]:
+    """Why the image file at ``path`` cannot be used (missing, unreadable), or None."""
     if not os.path.isfile(path):
         return ("missing image", path)
     try:
@@ -77,7 +78,7 @@ def find_problems(dataset, caption_problem=None) -> Tuple[Dict[int, List[Reason]
     for n, ann in enumerate(dataset.annotation):
         path = ann.get("image", "")
         if path not in image_reason:
-            image_reason[path] = _image_problem(os.path.join(dataset.vis_root, path))
+            image_reason[path] = image_problem(os.path.join(dataset.vis_root, path))
         if image_reason[path]:
             items[n].append(image_reason[path])
         if training:
