@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from lavis_cprd.apps.run_reuse import RunDecision, summarize_decisions
+from lavis_cprd.apps.tuning import tune, tuned_from, tuning_table
 from lavis_cprd.apps.runs import common_parser, ensure_teacher, eval_split, load_trained, train_run
 from lavis_cprd.distill.registry import get_loss, list_losses
 from lavis_cprd.datasets.true_matches import dataset_relevance
@@ -61,6 +62,11 @@ def parse_args(argv: Optional[List[str]], prog: str = "lavis-cprd compare", desc
                    "shapes_oracle teacher (ground truth of cprd_shapes: the upper bound of what a teacher can give)")
     p.add_argument("--no-trained-teacher", action="store_true", help="with --oracle: only the oracle runs "
                    "(the trained teacher is still used for the score statistics)")
+    p.add_argument("--tune", type=int, default=0, metavar="N", help="first give every method N val trials over its "
+                   "own knobs (DistillLoss.tune) on --tune-seeds, then run each winner on --seeds (apps.tuning)")
+    p.add_argument("--tune-seeds", type=int, nargs="+", default=[0, 1], help="seeds of every tuning trial")
+    p.add_argument("--tune-seed", type=int, default=0, help="seed of the trials' draw")
+    p.add_argument("--tuned-from", default=None, help="results.json of an earlier --tune: its winners, untouched")
     p.add_argument("--no-shared-scores", action="store_true", help="every run scores its own teacher pairs (by "
                    "default the runs of one seed draw the same batches, so its first all-pair run records the "
                    "trained teacher's logits and its other cross-encoder runs read them: the same numbers, "
@@ -83,10 +89,12 @@ PLOTTED_METRICS = ("r_mean", "rel_map_at_r", "rank_tau")
 MAX_TEACHER_PAIRS = 400_000  # the teacher scores every test pair when there are at most this many
 
 
-def plan(args) -> List[Tuple[str, str, List[str]]]:
-    """``(run name, table label, config overrides)`` of every student configuration; with
-    ``--oracle`` each cross-encoder run also with the ``shapes_oracle`` teacher."""
+def plan(args, tuned: Optional[Dict[str, Tuple[str, str, List[str]]]] = None) -> List[Tuple[str, str, List[str]]]:
+    """``(run name, table label, config overrides)`` of every student configuration (a tuned
+    method: its winning trial, ``apps.tuning``); with ``--oracle`` each cross-encoder run also
+    with the ``shapes_oracle`` teacher."""
     runs = [
+        (tuned or {}).get(m) or
         (m, LABEL_BASELINE if m == "none" else m, [f"model.distill.loss={m}", *get_loss(m).compare_options])
         for m in args.methods
     ]
@@ -229,7 +237,7 @@ def evaluate(args, out: str, teacher_ckpt: str, ckpts: Dict[str, Dict[int, str]]
     scorer = teacher if all_pairs is None else ScoreTable(all_pairs)
 
     truth = dataset_relevance(dataset)
-    plotted = next((n for n in ckpts if n.startswith("cprd")), next(iter(ckpts)))  # whose score distributions are drawn
+    plotted = next((n for n in ckpts if labels[n] == "cprd"), next(iter(ckpts)))  # whose score distributions are drawn
     runs: Dict[str, List[Dict]] = {}
     finding1: Dict[str, Dict] = {}
     tau: Dict[str, float] = {}
@@ -270,11 +278,15 @@ def main(argv: Optional[List[str]] = None, **parser_options) -> Dict:
 
     decisions: List[RunDecision] = []  # per run folder: reused or trained, and why
     teacher_ckpt = os.path.abspath(ensure_teacher(args, out, decisions))
-    runs = plan(args)
+    tuning, tuned = tune(args, out, teacher_ckpt, decisions, train_students) if args.tune else (None, None)
+    if args.tuned_from:
+        tuning, tuned = tuned_from(args.tuned_from, args.methods)
+    runs = plan(args, tuned)
     ckpts = train_students(args, out, teacher_ckpt, runs, decisions)
 
     results = evaluate(args, out, teacher_ckpt, ckpts, {name: label for name, label, _ in runs})
-    results.update(seeds=args.seeds, teacher_checkpoint=teacher_ckpt, seconds=time.time() - t_start,
+    results.update(seeds=args.seeds, teacher_checkpoint=teacher_ckpt, seconds=time.time() - t_start, tuning=tuning,
+                   tune_seeds=args.tune_seeds if tuning else None,
                    run_reuse={os.path.basename(d.run_dir): {"reused": d.reused, "reason": d.reason} for d in decisions})
     report = write_report(results, out)
     print("\n" + report + "\n" + summarize_decisions(decisions))
@@ -316,6 +328,9 @@ def write_report(results: Dict, out: str) -> str:
         f"Gap to the baseline (means over seeds); on the first seed, the order agreement with the "
         f"teacher on the student's hard negatives and the mean scores (finding 1):\n\n{findings_table(results)}\n"
     )
+    if results.get("tuning"):
+        report += (f"\nTuning (apps.tuning): every trial's val score at its best epoch, the winners in bold:\n\n"
+                   f"{tuning_table(results['tuning'], results['tune_seeds'])}\n")
     if results.get("val_table") and "rel_map_at_r" in results["val_table"][0]:
         report += ("\nThe same on the val split, at each run's best epoch (what choices are made on):\n\n"
                    f"{relevance_table(results['val_table'])}\n")

@@ -11,7 +11,7 @@ model is built.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -30,6 +30,10 @@ class Direction:
     z_neg: torch.Tensor
     mask: torch.Tensor
 
+
+# The weights every method's tuning draws from (compare --tune): six, so a method whose only
+# knob is its weight (conaclip) has as many settings as the default budget of trials.
+TUNED_WEIGHTS = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 # (per-query loss [Q], whether each query contributes [Q], the candidates it used [Q, C])
 PerQuery = Callable[[Direction, Any], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -50,6 +54,8 @@ class DistillLoss:
     - ``reads_positive(cfg)``: whether the teacher's score of the positive pair is read (else
       it is not computed).
     - ``compare_options``: config overrides ``lavis-cprd compare`` runs it with.
+    - ``tune``: its knobs (``model.distill`` keys) and the values ``compare --tune`` draws its
+      trials from; every method gets the same number of trials.
     """
 
     name: str
@@ -60,6 +66,7 @@ class DistillLoss:
     per_query: Optional[PerQuery] = None
     reads_positive: Callable[[Any], bool] = lambda cfg: True
     compare_options: Tuple[str, ...] = field(default_factory=tuple)
+    tune: Mapping[str, Tuple[Any, ...]] = field(default_factory=lambda: {"weight": TUNED_WEIGHTS})
 
 
 _LOSSES: Dict[str, DistillLoss] = {}

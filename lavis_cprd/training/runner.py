@@ -37,6 +37,7 @@ from lavis_cprd.training.job_folder import (
     ClaimedJob, check_resume_fits, lock_job_folder, release_job_folder, shared_job_folder,
 )
 from lavis_cprd.training.sampling import GroupedBatchSampler
+from lavis_cprd.training.selection import AUTO, with_selection
 from lavis_cprd.training.task import amp_mode
 
 ADAMW_IMPLS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}
@@ -158,6 +159,8 @@ class CprdRunner(RunnerBase):
     def eval_epoch(self, split_name, cur_epoch, skip_reload=False):
         log = super().eval_epoch(split_name, cur_epoch, skip_reload=skip_reload)
         if split_name == "val" and isinstance(log, dict) and "agg_metrics" in log:
+            # LAVIS keeps the epoch of the highest agg_metrics: make it run.select_metric's value.
+            log = with_selection(self.config.run_cfg.get("select_metric", AUTO), log)
             if self._before_distillation(cur_epoch):
                 # The best checkpoint of a distilled run must have seen distillation: epochs
                 # of ITC alone are validated and logged, but never selected.
@@ -195,7 +198,7 @@ class CprdRunner(RunnerBase):
         if is_best:
             agg = self._last_val_agg
             if agg is not None and self._best_agg_metric is not None and agg <= self._best_agg_metric:
-                logging.info("val agg_metrics %.4f does not beat %.4f (epoch %s); best checkpoint kept",
+                logging.info("val agg_metrics (run.select_metric) %.4f does not beat %.4f (epoch %s); best checkpoint kept",
                              agg, self._best_agg_metric, self._best_epoch)
                 return
             self._best_agg_metric, self._best_epoch = agg, cur_epoch

@@ -95,6 +95,7 @@ RUN: Dict[str, Key] = {
     "group_batches_by": Key(str, nullable=True),
     "text_batch_size": count(1),
     "tensorboard": FLAG,
+    "select_metric": TEXT,  # training/selection.py: which val metric picks checkpoint_best
 }
 
 # The towers of BLIP-style models (towers.py): students, teachers and the teacher trainer.

@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 from lavis_cprd.distill.objective import DistillObjective
-from lavis_cprd.distill.registry import Direction, DistillLoss, register_loss
+from lavis_cprd.distill.registry import TUNED_WEIGHTS, Direction, DistillLoss, register_loss
 from lavis_cprd.losses import REMOVED_LOGIT, masked_mean
 
 
@@ -88,4 +88,6 @@ def cprd_per_direction(d: Direction, cfg) -> Tuple[torch.Tensor, torch.Tensor, t
 register_loss(DistillLoss(
     "cprd", "CPRD: contrastive partial ranking of the valid hard negatives in the teacher's order",
     objective=DistillObjective, candidates="hard", per_query=cprd_per_direction,
-    reads_positive=lambda cfg: bool(cfg.drop_above_positive)))
+    reads_positive=lambda cfg: bool(cfg.drop_above_positive),
+    tune={"weight": TUNED_WEIGHTS, "valid_threshold": (0.05, 0.1, 0.2, 0.3), "normalize": ("contributing", "all"),
+          "temperature": (0.02, 0.05, 0.1)}))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lavis_cprd.distill.objective import DistillObjective
-from lavis_cprd.distill.registry import Direction, DistillLoss, register_loss
+from lavis_cprd.distill.registry import TUNED_WEIGHTS, Direction, DistillLoss, register_loss
 from lavis_cprd.losses import REMOVED_LOGIT, masked_mean
 
 
@@ -53,9 +53,10 @@ def kl_per_direction(d: Direction, cfg) -> Tuple[torch.Tensor, torch.Tensor, tor
             d.mask)
 
 
+KL_KNOBS = {"weight": TUNED_WEIGHTS, "teacher_temp": (0.5, 1.0, 2.0)}
 register_loss(DistillLoss(
     "loopitr", "LoopITR-style KL over the positive and the K hard negatives", objective=DistillObjective,
-    candidates="hard", per_query=kl_per_direction))
+    candidates="hard", per_query=kl_per_direction, tune=KL_KNOBS))
 register_loss(DistillLoss(
     "kl", "KL between teacher and student softmax over every in-batch candidate", objective=DistillObjective,
-    candidates="all", per_query=kl_per_direction))
+    candidates="all", per_query=kl_per_direction, tune=KL_KNOBS))

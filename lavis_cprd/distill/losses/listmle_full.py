@@ -9,7 +9,7 @@ import torch
 
 from lavis_cprd.distill.losses.cprd import cprd_loss_per_query
 from lavis_cprd.distill.objective import DistillObjective
-from lavis_cprd.distill.registry import Direction, DistillLoss, register_loss
+from lavis_cprd.distill.registry import TUNED_WEIGHTS, Direction, DistillLoss, register_loss
 from lavis_cprd.losses import masked_mean
 
 
@@ -39,4 +39,5 @@ def listmle_full_per_direction(d: Direction, cfg) -> Tuple[torch.Tensor, torch.T
 
 register_loss(DistillLoss(
     "listmle_full", "ListMLE over the teacher's order of every in-batch negative", objective=DistillObjective,
-    candidates="all", per_query=listmle_full_per_direction, reads_positive=lambda cfg: False))
+    candidates="all", per_query=listmle_full_per_direction, reads_positive=lambda cfg: False,
+    tune={"weight": TUNED_WEIGHTS, "temperature": (0.02, 0.05, 0.1)}))

@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 
 from lavis_cprd.distill.objective import DistillObjective
-from lavis_cprd.distill.registry import Direction, DistillLoss, register_loss
+from lavis_cprd.distill.registry import TUNED_WEIGHTS, Direction, DistillLoss, register_loss
 from lavis_cprd.losses import masked_mean
 
 
@@ -44,4 +44,6 @@ def margin_mse_per_direction(d: Direction, cfg) -> Tuple[torch.Tensor, torch.Ten
 
 register_loss(DistillLoss(
     "margin_mse", "Margin-MSE of the positive-negative logit margins", objective=DistillObjective,
-    candidates="hard", per_query=margin_mse_per_direction))
+    candidates="hard", per_query=margin_mse_per_direction,
+    # its regression target's scale: student logits s / tau_d (tau_d = distill.temperature)
+    tune={"weight": TUNED_WEIGHTS, "temperature": (0.05, 0.1, 0.2, 1.0)}))

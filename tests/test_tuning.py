@@ -1,0 +1,72 @@
+"""``compare --tune``: every method gets the same number of trials, drawn from its own knobs
+(the configured values first), and the winner is the trial with the best mean val score."""
+import argparse
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import REPO
+from lavis_cprd.apps import tuning
+from lavis_cprd.distill.registry import get_loss
+
+CONFIGURED = {"weight": 1.0, "valid_threshold": 0.1, "normalize": "contributing", "temperature": 0.05, "teacher_temp": 1.0}
+METHODS = ["none", "cprd", "margin_mse", "loopitr", "kl", "listmle_full", "conaclip"]
+
+
+def test_every_method_gets_the_same_number_of_distinct_trials_from_its_own_knobs():
+    plan = tuning.trial_runs(METHODS, 6, CONFIGURED, seed=0)
+    assert list(plan) == METHODS[1:]  # ITC alone has nothing to tune
+    for method, runs in plan.items():
+        assert len(runs) == 6 and len({tuple(o) for _, _, o in runs}) == 6, method
+        assert runs[0][2] == [f"model.distill.loss={method}", *get_loss(method).compare_options]  # as configured
+        base = len(runs[0][2])
+        for _, _, opts in runs[1:]:
+            values = dict(o.split("model.distill.", 1)[1].split("=") for o in opts[base:])
+            assert set(values) == set(get_loss(method).tune), method  # every one of its knobs, no other
+            # never the configured setting again
+            assert any(v != CONFIGURED[k] if k == "normalize" else float(v) != float(CONFIGURED[k]) for k, v in values.items())
+    # a method's draw does not depend on the others
+    alone = tuning.trial_runs(["kl"], 6, CONFIGURED, seed=0)["kl"]
+    assert alone == plan["kl"] and tuning.trial_runs(["kl"], 6, CONFIGURED, seed=1)["kl"] != alone
+    with pytest.raises(ValueError, match="conaclip has only 6 distinct settings"):
+        tuning.trial_runs(["conaclip"], 7, CONFIGURED)
+
+
+def _fake_run(run_dir, score):
+    """A finished run as train_run leaves it: checkpoint_best.pth (epoch 2) and its job's metrics."""
+    os.makedirs(os.path.join(run_dir, "jobs", "20260101000000"))
+    torch.save({"epoch": 2}, os.path.join(run_dir, "checkpoint_best.pth"))
+    with open(os.path.join(run_dir, "jobs", "20260101000000", "metrics.json"), "w") as f:
+        json.dump({"val/2": {"rel_map_at_r": score, "agg_metrics": 100 - score}, "val/1": {"rel_map_at_r": 99.0}}, f)
+    return os.path.join(run_dir, "checkpoint_best.pth")
+
+
+def test_tune_trains_every_trial_on_every_tuning_seed_and_picks_on_val(tmp_path):
+    args = argparse.Namespace(student_cfg=os.path.join(REPO, "configs", "cprd_tiny_shapes.yaml"), options=[],
+                              student_options=[], methods=["none", "cprd", "kl", "conaclip"], tune=3,
+                              tune_seeds=[0, 1], tune_seed=0, seeds=[0, 1, 2], oracle=[])
+    asked = []
+
+    def fake_train(targs, out, teacher, runs, decisions):
+        asked.append((list(targs.seeds), targs.oracle, [name for name, _, _ in runs]))
+        scores = {}
+        for i, (name, _, _) in enumerate(runs):
+            trial = int(name.rsplit("_t", 1)[1])
+            scores[name] = {s: _fake_run(str(tmp_path / f"{name}_seed{s}"), 10.0 + (trial == 1) * 5 + s + i * 0.01)
+                            for s in targs.seeds}
+        return scores
+
+    report, winners = tuning.tune(args, str(tmp_path), "teacher.pth", [], fake_train)
+    ((seeds, oracle, names),) = asked
+    assert seeds == [0, 1] and oracle is None
+    assert sorted(names) == sorted(f"tune_{m}_t{k}" for m in ("cprd", "kl", "conaclip") for k in range(3))
+    for method in ("cprd", "kl", "conaclip"):
+        rows = report[method]["trials"]
+        assert len(rows) == 3 and all(len(r["val"]) == 2 for r in rows)
+        assert rows[1]["val"] == [pytest.approx(15.0 + rows[1]["val"][0] - 15.0), pytest.approx(rows[1]["val"][0] + 1)]
+        assert report[method]["winner"] == 1 and winners[method][0] == f"tune_{method}_t1"  # the best mean val rel mAP@R
+        assert winners[method][1] == method  # the table row keeps the method's name
+    table = tuning.tuning_table(report, [0, 1])
+    assert table.count("**") == 3 * 4 and "as configured" in table
