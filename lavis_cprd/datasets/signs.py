@@ -50,8 +50,9 @@ def words(d: Descriptor) -> str:
 
 def text(c: Caption) -> str:
     form, a, b = c
-    return {"one": f"there is {words(a)}", "and": f"there is {words(a)} and {words(b)}",
-            "above": f"there is {words(a)} above {words(b)}"}[form]
+    if form == "one":
+        return f"there is {words(a)}"
+    return f"there is {words(a)} {'and' if form == 'and' else 'above'} {words(b)}"
 
 
 def captions(scene: Sequence[Obj], rng: random.Random, k: int) -> List[Caption]:
