@@ -293,6 +293,8 @@ def test_detach_temperature_keeps_distillation_off_tau(batch):
     assert grads[False][1].abs().item() > 0 and tower_grad > 0
     with pytest.raises(ValueError, match="detach_temperature must be true or false"):
         CprdDualEncoder.from_config(tiny_model_cfg(detach_temperature="yes"))
+    with pytest.raises(ValueError, match=r"detach_temperature: true acts only with temperature: itc; the temperature is 0.05"):
+        CprdDualEncoder.from_config(tiny_model_cfg(detach_temperature=True))
 
 
 def test_config_errors_are_clear():

@@ -146,12 +146,18 @@ def _teacher_kind(loss: str) -> str:
 
 
 def _distill_rules(raw: Dict[str, Any], where: str) -> List[str]:
-    """What one key's value allows of another's: a teacher cache holds a cross-encoder's scores."""
+    """What one key's value allows of another's: a teacher cache holds a cross-encoder's
+    scores; only the learnable temperature (``itc``) can be detached."""
+    problems = []
+    temperature = read_temperature(raw.get("temperature", DEFAULT_DISTILL_TEMPERATURE))
+    if raw.get("detach_temperature") is True and temperature is not None and temperature != "itc":
+        problems.append(f"{where}.detach_temperature: true acts only with temperature: itc; the temperature is "
+                        f"{temperature!r}, a fixed number with no gradient to detach: remove the key")
     loss = raw.get("loss", "none")
     if _teacher_kind(loss) == "cross":
-        return []
-    return [f"{where}.{key} holds cross-encoder scores; loss={loss!r} uses a dual-encoder teacher's embeddings: "
-            f"set {key}: null" for key in ("teacher_cache", "teacher_record") if raw.get(key)]
+        return problems
+    return problems + [f"{where}.{key} holds cross-encoder scores; loss={loss!r} uses a dual-encoder teacher's "
+                       f"embeddings: set {key}: null" for key in ("teacher_cache", "teacher_record") if raw.get(key)]
 
 
 # Every key of model.distill (the fields of DistillConfig, which say what each does); its
