@@ -18,7 +18,8 @@ def dataset_relevance(dataset) -> Optional[Dict[str, np.ndarray]]:
 
     - ``cprd_shapes`` (entries with a ``scene``): from the scene specs (``shapes_truth``);
     - any dataset: an optional entry field ``extra_positives``, the captions of the split
-      (strings) that are also true of that image, besides its own.
+      (strings) that are also true of that image, besides its own. A caption is true by its
+      text: every copy of a true text in the split counts (two images may share a caption).
 
     Returns ``{"annotated", "true", "grades"?}`` ``[n_img, n_txt]`` matrices, or None when
     the dataset records nothing beyond its annotated pairs. Kept on the dataset: a run
@@ -50,5 +51,7 @@ def _relevance(dataset) -> Optional[Dict[str, np.ndarray]]:
                     raise ValueError(f"annotation {i} ({a.get('image')}): extra_positives caption {caption!r} "
                                      "is not a caption of this split")
                 true[i, index[text]] = True
+            for j in dataset.img2txt[i]:  # a caption is true by its text: every copy of its own captions too
+                true[i, index[dataset.text[j]]] = True
         return {"annotated": annotated, "true": true}
     return None
