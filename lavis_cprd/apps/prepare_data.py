@@ -87,11 +87,11 @@ def prepare(args: argparse.Namespace) -> Dict:
         "extra_matches": {"kept": sum(len(v) for v in extra.values()), "left_out_train_or_across_splits": left_out},
         "split_rule": f"column {args.split_column}" if args.split_column else f"random by image, seed {args.seed}",
     }
-    _write(args, ann, summary, images_root, min(len(ann["val"]), len(ann["test"])), len(ann["train"]))
+    _write(args, ann, summary, images_root)
     return summary
 
 
-def experiment_config(args: argparse.Namespace, output: str, images_root: str, eval_images: int, train_rows: int):
+def experiment_config(args: argparse.Namespace, output: str, images_root: str, ann: Dict[str, list]):
     """The packaged experiment of ``--student`` with this data: the stock ``flickr30k`` builder
     on the local files, the teacher that ``train-teacher`` writes into ``output/teacher``."""
     experiment, size = STUDENTS[args.student]
@@ -108,15 +108,15 @@ def experiment_config(args: argparse.Namespace, output: str, images_root: str, e
     cfg.model.distill.num_hard_negatives = args.num_hard_negatives
     cfg.model.distill.teacher.checkpoint = os.path.join(output, TEACHER_FILE)
     cfg.run.batch_size_train = args.batch_size
-    cfg.run.k_test = min(int(cfg.run.k_test), eval_images)  # LAVIS's retrieval evaluation takes the top k_test images
+    # LAVIS's retrieval evaluation takes the top k_test images of the smaller evaluation split.
+    cfg.run.k_test = min(int(cfg.run.k_test), len(ann["val"]), len(ann["test"]))
     # The packaged experiments warm the learning rate up over one epoch of their data: one of this data.
-    cfg.run.warmup_steps = max(1, -(-train_rows // args.batch_size))
+    cfg.run.warmup_steps = max(1, -(-len(ann["train"]) // args.batch_size))
     cfg.run.output_dir = os.path.join(output, "runs", "cprd")
     return cfg
 
 
-def _write(args: argparse.Namespace, ann: Dict[str, list], summary: Dict, images_root: str, eval_images: int,
-           train_rows: int) -> None:
+def _write(args: argparse.Namespace, ann: Dict[str, list], summary: Dict, images_root: str) -> None:
     """Into a sibling folder first, renamed into place at the end: a failure leaves nothing."""
     output = os.path.abspath(args.output)
     staging = f"{output}.partial-{os.getpid()}"
@@ -130,7 +130,7 @@ def _write(args: argparse.Namespace, ann: Dict[str, list], summary: Dict, images
         for name, entries in files.items():
             with open(os.path.join(staging, "annotations", f"{name}.json"), "w", encoding="utf-8") as f:
                 json.dump(entries, f, ensure_ascii=False, indent=1)
-        OmegaConf.save(experiment_config(args, output, images_root, eval_images, train_rows), os.path.join(staging, "experiment.yaml"))
+        OmegaConf.save(experiment_config(args, output, images_root, ann), os.path.join(staging, "experiment.yaml"))
         with open(os.path.join(staging, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, ensure_ascii=False, indent=1)
         old = None

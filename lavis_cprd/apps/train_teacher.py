@@ -25,7 +25,6 @@ from omegaconf import OmegaConf
 from lavis_cprd.apps.runs import TEACHER_CFG, TEACHER_EXPORT, TEACHER_ITC_CFG, train_teacher
 from lavis_cprd.errors import ConfigError
 
-log = logging.getLogger(__name__)
 ITM_NEGATIVES = ("in_batch", "verified")
 
 

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import logging
 import os
 import random
 from argparse import Namespace
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
@@ -111,13 +112,14 @@ def tuning_table(report: Dict[str, Dict[str, Any]], seeds: Sequence[int]) -> str
     return "\n".join(lines)
 
 
-def winners_plan(report: Dict[str, Dict[str, Any]], plan: Dict[str, List[Tuple[str, str, List[str]]]],
-                 label_of: Optional[Dict[str, str]] = None) -> Dict[str, Tuple[str, str, List[str]]]:
-    """Per method, its winning trial as a compare run (same run name: its tuning seeds reused)."""
+def winners_plan(report: Dict[str, Dict[str, Any]], plan: Dict[str, List[Tuple[str, str, List[str]]]]
+                 ) -> Dict[str, Tuple[str, str, List[str]]]:
+    """Per method, its winning trial as a compare run: the same run name (its tuning seeds
+    reused), the method's name as its table label."""
     out = {}
     for method, r in report.items():
-        name, label, options = plan[method][r["winner"]]
-        out[method] = (name, (label_of or {}).get(method, label), options)
+        name, _, options = plan[method][r["winner"]]
+        out[method] = (name, method, options)
     return out
 
 
@@ -130,7 +132,8 @@ def tune(args: Namespace, out: str, teacher_ckpt: str, decisions: list, train: T
     ``train_students``, teacher scores shared within a seed) and pick each winner on val."""
     cfg = load_config(Namespace(cfg_path=args.student_cfg, options=[*args.options, *args.student_options]))
     distill = DistillConfig.from_cfg(cfg.model_cfg.get("distill", {}))
-    configured = {k: getattr(distill, k) for k in ("weight", "valid_threshold", "normalize", "temperature", "teacher_temp")}
+    knobs = {k for m in args.methods for k in get_loss(m).tune}  # whatever the registered losses tune
+    configured = {k: getattr(distill, k) for k in knobs}
     metric = str(cfg.run_cfg.get("select_metric", AUTO))
     plan = trial_runs(args.methods, args.tune, configured, args.tune_seed)
     log.info("tuning: %d trials x %d seeds for each of %s (val %s)", args.tune, len(args.tune_seeds), list(plan), metric)
@@ -138,15 +141,13 @@ def tune(args: Namespace, out: str, teacher_ckpt: str, decisions: list, train: T
     tune_args.seeds, tune_args.oracle = list(args.tune_seeds), None
     ckpts = train(tune_args, out, teacher_ckpt, [run for runs in plan.values() for run in runs], decisions)
     report = pick_winners(plan, ckpts, metric)
-    return report, winners_plan(report, plan, {m: m for m in plan})
+    return report, winners_plan(report, plan)
 
 
 def tuned_from(path: str, methods: Sequence[str]) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Tuple[str, str, List[str]]]]:
     """``--tuned-from``: the winners of an earlier ``compare --tune`` (its ``results.json``),
     applied unchanged: another teacher or dataset gets the hyperparameters chosen on the first
     one's val split, and no trial of its own."""
-    import json
-
     with open(path) as f:
         report = json.load(f).get("tuning")
     if not report:
