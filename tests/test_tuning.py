@@ -1,5 +1,5 @@
-"""``compare --tune``: every method gets the same number of trials, drawn from its own knobs
-(the configured values first), and the winner is the trial with the best mean val score."""
+"""``compare --tune``: every method gets the same number of trials, its weights gridded and its
+other knobs drawn, and the winner is the trial with the best mean val score."""
 import argparse
 import json
 import os
@@ -11,27 +11,38 @@ from conftest import REPO
 from lavis_cprd.apps import tuning
 from lavis_cprd.distill.registry import get_loss
 
-CONFIGURED = {"weight": 1.0, "valid_threshold": 0.1, "normalize": "contributing", "temperature": 0.05, "teacher_temp": 1.0}
 METHODS = ["none", "cprd", "margin_mse", "loopitr", "kl", "listmle_full", "conaclip"]
 
 
-def test_every_method_gets_the_same_number_of_distinct_trials_from_its_own_knobs():
-    plan = tuning.trial_runs(METHODS, 6, CONFIGURED, seed=0)
-    assert list(plan) == METHODS[1:]  # ITC alone has nothing to tune
+def _values(opts, base):
+    return dict(o.split("model.distill.", 1)[1].split("=") for o in opts[base:])
+
+
+def test_every_method_gets_the_same_trials_per_weight_from_its_own_knobs():
+    plan = tuning.trial_runs(METHODS[:-1], 12, seed=0)  # conaclip's only knob is its weight: 6 settings
+    assert list(plan) == METHODS[1:-1]  # ITC alone has nothing to tune
+    assert [o[-1] for _, _, o in tuning.trial_runs(["conaclip"], 6)["conaclip"]] == [
+        f"model.distill.weight={w}" for w in get_loss("conaclip").tune["weight"]]
     for method, runs in plan.items():
-        assert len(runs) == 6 and len({tuple(o) for _, _, o in runs}) == 6, method
-        assert runs[0][2] == [f"model.distill.loss={method}", *get_loss(method).compare_options]  # as configured
-        base = len(runs[0][2])
-        for _, _, opts in runs[1:]:
-            values = dict(o.split("model.distill.", 1)[1].split("=") for o in opts[base:])
-            assert set(values) == set(get_loss(method).tune), method  # every one of its knobs, no other
-            # never the configured setting again
-            assert any(v != CONFIGURED[k] if k == "normalize" else float(v) != float(CONFIGURED[k]) for k, v in values.items())
-    # a method's draw does not depend on the others
-    alone = tuning.trial_runs(["kl"], 6, CONFIGURED, seed=0)["kl"]
-    assert alone == plan["kl"] and tuning.trial_runs(["kl"], 6, CONFIGURED, seed=1)["kl"] != alone
+        base = [f"model.distill.loss={method}", *get_loss(method).compare_options]
+        space = get_loss(method).tune
+        assert len(runs) == 12 and len({tuple(o) for _, _, o in runs}) == 12, method  # distinct settings
+        values = [_values(opts, len(base)) for _, _, opts in runs]
+        assert all(opts[:len(base)] == base for _, _, opts in runs)
+        assert all(set(v) == set(space) for v in values), method  # every one of its knobs, no other
+        # the weight is a grid: each of the 6 weights exactly twice, every other knob from its own values
+        weights = [float(v["weight"]) for v in values]
+        assert sorted(weights) == sorted(2 * [float(w) for w in space["weight"]]), method
+        for v in values:
+            for k, x in v.items():
+                assert any(str(c) == x for c in space[k]), (method, k, x)
+    # a method's draw does not depend on the others; another seed draws other knobs
+    alone = tuning.trial_runs(["cprd"], 12, seed=0)["cprd"]
+    assert alone == plan["cprd"] and tuning.trial_runs(["cprd"], 12, seed=1)["cprd"] != alone
     with pytest.raises(ValueError, match="conaclip has only 6 distinct settings"):
-        tuning.trial_runs(["conaclip"], 7, CONFIGURED)
+        tuning.trial_runs(["conaclip"], 12)
+    with pytest.raises(ValueError, match="multiple of 6"):
+        tuning.trial_runs(["kl"], 7)
 
 
 def _fake_run(run_dir, score):
@@ -45,7 +56,7 @@ def _fake_run(run_dir, score):
 
 def test_tune_trains_every_trial_on_every_tuning_seed_and_picks_on_val(tmp_path):
     args = argparse.Namespace(student_cfg=os.path.join(REPO, "configs", "cprd_tiny_shapes.yaml"), options=[],
-                              student_options=[], methods=["none", "cprd", "kl", "conaclip"], tune=3,
+                              student_options=[], methods=["none", "cprd", "kl", "conaclip"], tune=6,
                               tune_seeds=[0, 1], tune_seed=0, seeds=[0, 1, 2], oracle=[])
     asked = []
 
@@ -61,12 +72,12 @@ def test_tune_trains_every_trial_on_every_tuning_seed_and_picks_on_val(tmp_path)
     report, winners = tuning.tune(args, str(tmp_path), "teacher.pth", [], fake_train)
     ((seeds, oracle, names),) = asked
     assert seeds == [0, 1] and oracle is None
-    assert sorted(names) == sorted(f"tune_{m}_t{k}" for m in ("cprd", "kl", "conaclip") for k in range(3))
+    assert sorted(names) == sorted(f"tune_{m}_t{k}" for m in ("cprd", "kl", "conaclip") for k in range(6))
     for method in ("cprd", "kl", "conaclip"):
         rows = report[method]["trials"]
-        assert len(rows) == 3 and all(len(r["val"]) == 2 for r in rows)
+        assert len(rows) == 6 and all(len(r["val"]) == 2 for r in rows)
         assert rows[1]["val"] == [pytest.approx(15.0 + rows[1]["val"][0] - 15.0), pytest.approx(rows[1]["val"][0] + 1)]
         assert report[method]["winner"] == 1 and winners[method][0] == f"tune_{method}_t1"  # the best mean val rel mAP@R
         assert winners[method][1] == method  # the table row keeps the method's name
     table = tuning.tuning_table(report, [0, 1])
-    assert table.count("**") == 3 * 4 and "as configured" in table
+    assert table.count("**") == 3 * 4 and "conaclip (weight=0.5)" in table

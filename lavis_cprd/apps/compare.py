@@ -63,7 +63,8 @@ def parse_args(argv: Optional[List[str]], prog: str = "lavis-cprd compare", desc
     p.add_argument("--no-trained-teacher", action="store_true", help="with --oracle: only the oracle runs "
                    "(the trained teacher is still used for the score statistics)")
     p.add_argument("--tune", type=int, default=0, metavar="N", help="first give every method N val trials over its "
-                   "own knobs (DistillLoss.tune) on --tune-seeds, then run each winner on --seeds (apps.tuning)")
+                   "own knobs (DistillLoss.tune: the weights a grid, so N a multiple of 6; the other knobs drawn) "
+                   "on --tune-seeds, then run each winner on --seeds (apps.tuning)")
     p.add_argument("--tune-seeds", type=int, nargs="+", default=[0, 1], help="seeds of every tuning trial")
     p.add_argument("--tune-seed", type=int, default=0, help="seed of the trials' draw")
     p.add_argument("--tuned-from", default=None, help="results.json of an earlier --tune: its winners, untouched")

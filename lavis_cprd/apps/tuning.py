@@ -4,10 +4,10 @@ Each registered loss names its knobs and their values (``DistillLoss.tune``: CPR
 ``valid_threshold``, normalisation and temperature; kl's and loopitr's weight and
 ``teacher_temp``; margin_mse's weight and the scale of its logits; ...). Per method:
 
-- trial 0 is the method as configured (no override);
-- trials 1 .. N-1 are drawn without replacement from the product of its knob values by a
-  random generator seeded with ``--tune-seed`` and the method's name, so a method's draw does
-  not depend on which other methods run;
+- its weights are a grid: each gets N / (number of weights) trials;
+- within each weight, its other knobs are drawn without replacement from the product of their
+  values by a random generator seeded with ``--tune-seed`` and the method's name, so a
+  method's draw does not depend on which other methods run;
 - every trial trains on the ``--tune-seeds`` (2 by default) and is scored by the mean over
   them of its val ``run.select_metric`` at the best epoch (the same metric picked that epoch).
 
@@ -23,12 +23,11 @@ import logging
 import os
 import random
 from argparse import Namespace
-from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
 from lavis_cprd.apps.reporting import val_at_best
-from lavis_cprd.distill.config import DistillConfig
 from lavis_cprd.distill.registry import get_loss
 from lavis_cprd.training.launch import load_config
 from lavis_cprd.training.selection import AUTO, selected_key
@@ -38,34 +37,35 @@ log = logging.getLogger(__name__)
 Trial = Tuple[str, ...]  # config overrides of one trial (empty: the method as configured)
 
 
-def draw_trials(method: str, n: int, configured: Mapping[str, Any], seed: int = 0) -> List[Trial]:
-    """``n`` trials of ``method``: the configured values first, then ``n - 1`` distinct other
-    combinations of its knobs (``DistillLoss.tune``), drawn with ``seed``."""
+def draw_trials(method: str, n: int, seed: int = 0) -> List[Trial]:
+    """``n`` trials of ``method``: its weights (``DistillLoss.tune["weight"]``) as a grid, each
+    ``n / len(weights)`` times, and every other knob drawn at random within each weight, without
+    repeating a setting, with ``seed``.
+
+    The weight is gridded because it is the knob every method shares and the one that moves
+    val most: random draws of equal number covered it unevenly (section 1 of docs/contest:
+    kl and loopitr never drew the largest weight)."""
     space = get_loss(method).tune
-    keys = sorted(space)
-    combos = [c for c in itertools.product(*(space[k] for k in keys))
-              if any(not _same(v, configured.get(k)) for k, v in zip(keys, c))]
-    if n - 1 > len(combos):
-        raise ValueError(f"--tune {n}: {method} has only {len(combos) + 1} distinct settings of {keys}; "
-                         f"give every method the same smaller budget")
-    picked = random.Random(f"tune:{seed}:{method}").sample(combos, n - 1)
-    return [()] + [tuple(f"model.distill.{k}={v}" for k, v in zip(keys, c)) for c in picked]
-
-
-def _same(a, b) -> bool:
-    try:
-        return float(a) == float(b)
-    except (TypeError, ValueError):
-        return a == b
+    weights = tuple(space["weight"])
+    if n <= 0 or n % len(weights):
+        raise ValueError(f"--tune {n}: give a multiple of {len(weights)}, so that each of {method}'s weights "
+                         f"{list(weights)} gets the same number of trials")
+    others = sorted(k for k in space if k != "weight")
+    combos = list(itertools.product(*(space[k] for k in others)))
+    per_weight = n // len(weights)
+    if per_weight > len(combos):
+        raise ValueError(f"--tune {n}: {method} has only {len(weights) * len(combos)} distinct settings "
+                         f"({len(weights)} weights x {len(combos)} of {others}); give every method the same smaller budget")
+    rng = random.Random(f"tune:{seed}:{method}")
+    return [(f"model.distill.weight={w}", *(f"model.distill.{k}={v}" for k, v in zip(others, c)))
+            for w in weights for c in rng.sample(combos, per_weight)]
 
 
 def trial_label(method: str, trial: Trial) -> str:
-    knobs = ", ".join(o.split("model.distill.", 1)[1] for o in trial)
-    return f"{method} ({knobs})" if knobs else f"{method} (as configured)"
+    return f"{method} ({', '.join(o.split('model.distill.', 1)[1] for o in trial)})"
 
 
-def trial_runs(methods: Sequence[str], n: int, configured: Mapping[str, Any], seed: int = 0
-               ) -> Dict[str, List[Tuple[str, str, List[str]]]]:
+def trial_runs(methods: Sequence[str], n: int, seed: int = 0) -> Dict[str, List[Tuple[str, str, List[str]]]]:
     """Per method, its trials as compare runs ``(run name, label, overrides)``: the ITC
     baseline (``none``: nothing to tune) is left out."""
     plan: Dict[str, List[Tuple[str, str, List[str]]]] = {}
@@ -74,14 +74,14 @@ def trial_runs(methods: Sequence[str], n: int, configured: Mapping[str, Any], se
             continue
         base = [f"model.distill.loss={method}", *get_loss(method).compare_options]
         plan[method] = [(f"tune_{method}_t{k}", trial_label(method, t), [*base, *t])
-                        for k, t in enumerate(draw_trials(method, n, configured, seed))]
+                        for k, t in enumerate(draw_trials(method, n, seed))]
     return plan
 
 
 def pick_winners(plan: Dict[str, List[Tuple[str, str, List[str]]]], ckpts: Dict[str, Dict[int, str]],
                  metric: str) -> Dict[str, Dict[str, Any]]:
     """Per method, every trial's val ``metric`` (``run.select_metric``, resolved per run) per
-    seed and mean, and the trial with the best mean (the first on a tie: the configured values)."""
+    seed and mean, and the trial with the best mean (the first on a tie: the smaller weight)."""
     report: Dict[str, Dict[str, Any]] = {}
     for method, trials in plan.items():
         rows, key = [], metric
@@ -131,11 +131,8 @@ def tune(args: Namespace, out: str, teacher_ckpt: str, decisions: list, train: T
     """Run every method's ``args.tune`` trials on ``args.tune_seeds`` (``train``: compare's
     ``train_students``, teacher scores shared within a seed) and pick each winner on val."""
     cfg = load_config(Namespace(cfg_path=args.student_cfg, options=[*args.options, *args.student_options]))
-    distill = DistillConfig.from_cfg(cfg.model_cfg.get("distill", {}))
-    knobs = {k for m in args.methods for k in get_loss(m).tune}  # whatever the registered losses tune
-    configured = {k: getattr(distill, k) for k in knobs}
     metric = str(cfg.run_cfg.get("select_metric", AUTO))
-    plan = trial_runs(args.methods, args.tune, configured, args.tune_seed)
+    plan = trial_runs(args.methods, args.tune, args.tune_seed)
     log.info("tuning: %d trials x %d seeds for each of %s (val %s)", args.tune, len(args.tune_seeds), list(plan), metric)
     tune_args = copy.copy(args)
     tune_args.seeds, tune_args.oracle = list(args.tune_seeds), None
