@@ -123,3 +123,24 @@ def test_demo_warns_when_the_packaged_teachers_data_differ(caplog):
         warn_if_other_data(Namespace(**{**vars(args), "options": ["datasets.cprd_shapes.generator.captions=unique"]}))
     (record,) = caplog.records
     assert "differ in ['captions']" in record.getMessage() and "--retrain-teacher" in record.getMessage()
+
+
+def test_demo_runs_every_method_with_the_packaged_contest_winners(demo_run):
+    """The main job trains each method with the knobs that won the contest on val
+    (``paths.TUNED_SHAPES``), CPRD's oracle run included; ITC alone has none to tune."""
+    from lavis_cprd.paths import TUNED_SHAPES
+
+    out, _ = demo_run
+    contest = json.load(open(TUNED_SHAPES))
+    results = json.load(open(out / "results.json"))
+    assert results["tuned_from"] == TUNED_SHAPES and results["tune_seeds"] == contest["tune_seeds"]
+    assert "Tuning (apps.tuning) in the contest of" in open(out / "results.md").read()
+    for run, method in (("cprd_seed0", "cprd"), ("cprd_oracle_seed0", "cprd"), ("kl_seed0", "kl")):
+        report = contest["tuning"][method]
+        winner = report["trials"][report["winner"]]["options"]
+        knobs = dict(o.split("model.distill.", 1)[1].split("=") for o in winner)
+        assert "weight" in knobs and knobs["loss"] == method
+        distill = json.load(open(out / run / "run_request.json"))["config"]["model"]["distill"]
+        for key, value in knobs.items():
+            assert str(distill[key]) == value or float(distill[key]) == float(value), (run, key)
+    assert json.load(open(out / "none_seed0" / "run_request.json"))["config"]["model"]["distill"]["loss"] == "none"

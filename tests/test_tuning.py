@@ -69,7 +69,7 @@ def test_tune_trains_every_trial_on_every_tuning_seed_and_picks_on_val(tmp_path)
                             for s in targs.seeds}
         return scores
 
-    report, winners = tuning.tune(args, str(tmp_path), "teacher.pth", [], fake_train)
+    report, winners, trained = tuning.tune(args, str(tmp_path), "teacher.pth", [], fake_train)
     ((seeds, oracle, names),) = asked
     assert seeds == [0, 1] and oracle is None
     assert sorted(names) == sorted(f"tune_{m}_t{k}" for m in ("cprd", "kl", "conaclip") for k in range(6))
@@ -81,3 +81,33 @@ def test_tune_trains_every_trial_on_every_tuning_seed_and_picks_on_val(tmp_path)
         assert winners[method][1] == method  # the table row keeps the method's name
     table = tuning.tuning_table(report, [0, 1])
     assert table.count("**") == 3 * 4 and "conaclip (weight=0.5)" in table
+
+
+def test_the_winners_tuning_seeds_are_taken_from_the_trials_not_trained_again(monkeypatch, tmp_path):
+    """compare --tune's second phase trains only what tuning did not: sent through the plan
+    again, a winner's request could name another run as its seed's score recorder and retrain
+    for identical results (as the second contest did, ten runs)."""
+    from lavis_cprd.apps import compare
+
+    calls = []
+
+    def fake_train_run(cfg, opts, run_dir, threads, decisions):
+        calls.append((os.path.basename(run_dir), [o for o in opts if "teacher_cache=" in o or "teacher_record=" in o]))
+        return os.path.join(run_dir, "checkpoint_best.pth")
+
+    monkeypatch.setattr(compare, "train_run", fake_train_run)
+    monkeypatch.setattr(compare, "eval_split", lambda *a, **k: None)
+    args = compare.parse_args(["--methods", "none", "kl", "cprd", "--weights", "--ks", "--tune", "6", "--jobs", "1"])
+    out = str(tmp_path)
+    trials = [(f"tune_{m}_t{k}", m, [f"model.distill.loss={m}", f"model.distill.weight={w}"])
+              for m in ("kl", "cprd") for k, w in enumerate((1.0, 4.0))]
+    tune_args = argparse.Namespace(**{**vars(args), "seeds": [0, 1]})
+    trained = compare.train_students(tune_args, out, "teacher.pth", trials, [])
+    assert len(calls) == 8 and calls[0] == ("tune_kl_t0_seed0", [f"model.distill.teacher_record={out}/tune_kl_t0_seed0/teacher_scores"])
+    calls.clear()
+    winners = [("none", "ITC", ["model.distill.loss=none"]), trials[1], trials[3]]  # kl_t1 records nothing in tuning
+    ckpts = compare.train_students(args, out, "teacher.pth", winners, [], trained=trained)
+    assert sorted(name for name, _ in calls) == ["none_seed0", "none_seed1", "none_seed2", "tune_cprd_t1_seed2", "tune_kl_t1_seed2"]
+    for name in ("tune_kl_t1", "tune_cprd_t1"):
+        assert ckpts[name] == {0: trained[name][0], 1: trained[name][1], 2: f"{out}/{name}_seed2/checkpoint_best.pth"}
+    assert list(ckpts["none"]) == [0, 1, 2]

@@ -81,6 +81,8 @@ def parse_args(argv: Optional[List[str]], prog: str = "lavis-cprd compare", desc
     unknown = sorted(set(args.oracle or []) - set(args.methods))
     if unknown:
         p.error(f"--oracle {unknown}: not among --methods {args.methods}")
+    if args.tune and args.tuned_from:
+        p.error("--tune and --tuned-from: give one (tune here, or apply an earlier contest's winners)")
     return args
 
 
@@ -155,11 +157,18 @@ def run_order(job: Tuple[str, int, List[str]], recorders: Dict[int, str], seeds:
 
 
 def train_students(args, out: str, teacher_ckpt: str, runs: List[Tuple[str, str, List[str]]],
-                   decisions: Optional[List[RunDecision]] = None) -> Dict[str, Dict[int, str]]:
+                   decisions: Optional[List[RunDecision]] = None,
+                   trained: Optional[Dict[str, Dict[int, str]]] = None) -> Dict[str, Dict[int, str]]:
     """Every (run, seed) of the plan trained (or reused) into ``out/NAME_seedS``, ``args.jobs``
     at a time; returns ``{name: {seed: checkpoint}}`` in plan order. The teacher's scores are
-    shared within a seed (``score_recorders``): a reading run waits for its recorder."""
-    todo = [(name, seed, options) for seed in args.seeds for name, _, options in runs]
+    shared within a seed (``score_recorders``): a reading run waits for its recorder.
+
+    ``trained``: checkpoints of this invocation already trained (``--tune``'s trials), taken as
+    they are. Sent through the plan again, a trial's request could differ in which run
+    recorded its seed's scores, and it would retrain for identical results."""
+    trained = trained or {}
+    todo = [(name, seed, options) for seed in args.seeds for name, _, options in runs
+            if seed not in trained.get(name, {})]
     recorders = score_recorders(args, todo)
     todo.sort(key=lambda job: run_order(job, recorders, args.seeds))
     threads = None if args.jobs == 1 else max(1, torch.get_num_threads() // args.jobs)
@@ -198,6 +207,9 @@ def train_students(args, out: str, teacher_ckpt: str, runs: List[Tuple[str, str,
     ckpts: Dict[str, Dict[int, str]] = {name: {} for name, _, _ in runs}
     for (name, seed, _), ckpt in zip(todo, done):
         ckpts[name][seed] = ckpt
+    for name in ckpts:
+        ckpts[name].update({s: c for s, c in trained.get(name, {}).items() if s in args.seeds})
+        ckpts[name] = dict(sorted(ckpts[name].items()))
     return ckpts
 
 
@@ -279,15 +291,15 @@ def main(argv: Optional[List[str]] = None, **parser_options) -> Dict:
 
     decisions: List[RunDecision] = []  # per run folder: reused or trained, and why
     teacher_ckpt = os.path.abspath(ensure_teacher(args, out, decisions))
-    tuning, tuned = tune(args, out, teacher_ckpt, decisions, train_students) if args.tune else (None, None)
+    tuning, tuned, trials = tune(args, out, teacher_ckpt, decisions, train_students) if args.tune else (None, None, {})
     if args.tuned_from:
-        tuning, tuned = tuned_from(args.tuned_from, args.methods)
+        tuning, tuned, args.tune_seeds = tuned_from(args.tuned_from, args.methods)
     runs = plan(args, tuned)
-    ckpts = train_students(args, out, teacher_ckpt, runs, decisions)
+    ckpts = train_students(args, out, teacher_ckpt, runs, decisions, trained=trials)
 
     results = evaluate(args, out, teacher_ckpt, ckpts, {name: label for name, label, _ in runs})
     results.update(seeds=args.seeds, teacher_checkpoint=teacher_ckpt, seconds=time.time() - t_start, tuning=tuning,
-                   tune_seeds=args.tune_seeds if tuning else None,
+                   tune_seeds=args.tune_seeds if tuning else None, tuned_from=args.tuned_from,
                    run_reuse={os.path.basename(d.run_dir): {"reused": d.reused, "reason": d.reason} for d in decisions})
     report = write_report(results, out)
     print("\n" + report + "\n" + summarize_decisions(decisions))
@@ -330,7 +342,10 @@ def write_report(results: Dict, out: str) -> str:
         f"teacher on the student's hard negatives and the mean scores (finding 1):\n\n{findings_table(results)}\n"
     )
     if results.get("tuning"):
-        report += (f"\nTuning (apps.tuning): every trial's val score at its best epoch, the winners in bold:\n\n"
+        origin = (f"the contest of {results['tuned_from']} (`--tuned-from`; its trials were not re-run here)"
+                  if results.get("tuned_from") else "this run")
+        report += (f"\nTuning (apps.tuning) in {origin}: every trial's val score at its best epoch, the winners in "
+                   f"bold, each method's row above is its winner:\n\n"
                    f"{tuning_table(results['tuning'], results['tune_seeds'])}\n")
     if results.get("val_table") and "rel_map_at_r" in results["val_table"][0]:
         report += ("\nThe same on the val split, at each run's best epoch (what choices are made on):\n\n"

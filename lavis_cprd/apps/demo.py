@@ -9,7 +9,9 @@ the headline plan.
    with verified-false ITM negatives (``configs/teacher_*_tiny_shapes.yaml``);
 3. students, for each seed: ITC alone, CPRD from the teacher and from the ``shapes_oracle``
    (the upper bound of what a teacher can give), and the peers kl, loopitr, margin_mse,
-   listmle_full and conaclip;
+   listmle_full and conaclip, each with the knobs that won the fair contest on this data's
+   val split (``paths.TUNED_SHAPES``: ``compare --tuned-from``; ``--untuned`` runs the
+   configured knobs instead, ``--tune N`` or ``--tuned-from FILE`` other winners);
 4. evaluation on the test split: LAVIS's metrics, the relevance-aware ones, the ranking
    correlation; ``results.md``, ``results.json``, ``metrics.png``, ``score_distributions.png``.
 
@@ -24,6 +26,7 @@ import sys
 from typing import Dict, List, Optional
 
 from lavis_cprd.apps import compare
+from lavis_cprd.paths import TUNED_SHAPES
 
 # The headline plan (see compare's flags): every method, the oracle for CPRD, no sweeps.
 HEADLINE = ["--methods", "none", "cprd", "kl", "loopitr", "margin_mse", "listmle_full", "conaclip",
@@ -31,13 +34,20 @@ HEADLINE = ["--methods", "none", "cprd", "kl", "loopitr", "margin_mse", "listmle
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
-    """``compare`` with the headline plan and ``output/demo``; later flags override."""
+    """``compare`` with the headline plan, the packaged contest winners and ``output/demo``;
+    later flags override."""
     argv = list(sys.argv[1:] if argv is None else argv)
     given = argparse.ArgumentParser(add_help=False)
     given.add_argument("--methods", nargs="+")
     given.add_argument("--oracle", nargs="*")
+    given.add_argument("--tune", type=int, default=0)
+    given.add_argument("--tuned-from")
+    given.add_argument("--untuned", action="store_true")
     given = given.parse_known_args(argv)[0]
+    argv = [a for a in argv if a != "--untuned"]
     headline = list(HEADLINE)
+    if not (given.untuned or given.tune or given.tuned_from):
+        headline += ["--tuned-from", TUNED_SHAPES]
     if given.methods is not None and given.oracle is None:  # the default oracle run only for methods still planned
         at = headline.index("--oracle")
         kept = [m for m in headline[at + 1:at + 2] if m in given.methods]

@@ -127,9 +127,11 @@ Train = Callable[..., Dict[str, Dict[int, str]]]  # compare.train_students
 
 
 def tune(args: Namespace, out: str, teacher_ckpt: str, decisions: list, train: Train
-         ) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Tuple[str, str, List[str]]]]:
+         ) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Tuple[str, str, List[str]]], Dict[str, Dict[int, str]]]:
     """Run every method's ``args.tune`` trials on ``args.tune_seeds`` (``train``: compare's
-    ``train_students``, teacher scores shared within a seed) and pick each winner on val."""
+    ``train_students``, teacher scores shared within a seed) and pick each winner on val.
+    Returns the report, each winner as a compare run and every trial's checkpoints (the
+    winners' tuning seeds are reused from them)."""
     cfg = load_config(Namespace(cfg_path=args.student_cfg, options=[*args.options, *args.student_options]))
     metric = str(cfg.run_cfg.get("select_metric", AUTO))
     plan = trial_runs(args.methods, args.tune, args.tune_seed)
@@ -138,19 +140,22 @@ def tune(args: Namespace, out: str, teacher_ckpt: str, decisions: list, train: T
     tune_args.seeds, tune_args.oracle = list(args.tune_seeds), None
     ckpts = train(tune_args, out, teacher_ckpt, [run for runs in plan.values() for run in runs], decisions)
     report = pick_winners(plan, ckpts, metric)
-    return report, winners_plan(report, plan)
+    return report, winners_plan(report, plan), ckpts
 
 
-def tuned_from(path: str, methods: Sequence[str]) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Tuple[str, str, List[str]]]]:
-    """``--tuned-from``: the winners of an earlier ``compare --tune`` (its ``results.json``),
-    applied unchanged: another teacher or dataset gets the hyperparameters chosen on the first
-    one's val split, and no trial of its own."""
+def tuned_from(path: str, methods: Sequence[str]
+               ) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Tuple[str, str, List[str]]], List[int]]:
+    """``--tuned-from``: the winners of an earlier ``compare --tune`` (its ``results.json``, or a
+    file holding its ``tuning`` and ``tune_seeds``), applied unchanged: another teacher or
+    dataset gets the hyperparameters chosen on the first one's val split, and no trial of its
+    own. Returns the report, each method's winning run and the seeds its trials ran on."""
     with open(path) as f:
-        report = json.load(f).get("tuning")
+        contest = json.load(f)
+    report = contest.get("tuning")
     if not report:
         raise ValueError(f"--tuned-from {path}: no tuning report in it (made by compare --tune?)")
     missing = [m for m in methods if get_loss(m).teacher is not None and m not in report]
     if missing:
         raise ValueError(f"--tuned-from {path}: no tuned {missing}; it tuned {sorted(report)}")
     runs = {m: (m, m, list(report[m]["trials"][report[m]["winner"]]["options"])) for m in methods if m in report}
-    return report, runs
+    return report, runs, list(contest.get("tune_seeds") or [])
