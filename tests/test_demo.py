@@ -144,3 +144,16 @@ def test_demo_runs_every_method_with_the_packaged_contest_winners(demo_run):
         for key, value in knobs.items():
             assert str(distill[key]) == value or float(distill[key]) == float(value), (run, key)
     assert json.load(open(out / "none_seed0" / "run_request.json"))["config"]["model"]["distill"]["loss"] == "none"
+
+
+def test_demo_takes_the_packaged_winners_unless_told_otherwise():
+    from lavis_cprd.apps import compare
+    from lavis_cprd.apps.demo import compare_argv
+    from lavis_cprd.paths import TUNED_SHAPES
+
+    assert compare.parse_args(compare_argv([])).tuned_from == TUNED_SHAPES
+    assert compare.parse_args(compare_argv(["--tuned-from", "none"])).tuned_from is None  # the configured knobs
+    assert compare.parse_args(compare_argv(["--tuned-from", "other.json"])).tuned_from == "other.json"
+    tuned = compare.parse_args(compare_argv(["--tune", "6"]))
+    assert tuned.tune == 6 and tuned.tuned_from is None
+    assert compare.parse_args(compare_argv(["--methods", "none", "kl"])).oracle is None  # no CPRD, no oracle run

@@ -67,7 +67,8 @@ def parse_args(argv: Optional[List[str]], prog: str = "lavis-cprd compare", desc
                    "on --tune-seeds, then run each winner on --seeds (apps.tuning)")
     p.add_argument("--tune-seeds", type=int, nargs="+", default=[0, 1], help="seeds of every tuning trial")
     p.add_argument("--tune-seed", type=int, default=0, help="seed of the trials' draw")
-    p.add_argument("--tuned-from", default=None, help="results.json of an earlier --tune: its winners, untouched")
+    p.add_argument("--tuned-from", default=None, help="results.json of an earlier --tune: its winners, untouched "
+                   "(demo: the packaged winners, lavis_cprd/configs/tuned/; 'none': the configured knobs)")
     p.add_argument("--no-shared-scores", action="store_true", help="every run scores its own teacher pairs (by "
                    "default the runs of one seed draw the same batches, so its first all-pair run records the "
                    "trained teacher's logits and its other cross-encoder runs read them: the same numbers, "
@@ -81,6 +82,8 @@ def parse_args(argv: Optional[List[str]], prog: str = "lavis-cprd compare", desc
     unknown = sorted(set(args.oracle or []) - set(args.methods))
     if unknown:
         p.error(f"--oracle {unknown}: not among --methods {args.methods}")
+    if args.tuned_from == "none":
+        args.tuned_from = None
     if args.tune and args.tuned_from:
         p.error("--tune and --tuned-from: give one (tune here, or apply an earlier contest's winners)")
     return args

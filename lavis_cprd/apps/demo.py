@@ -10,8 +10,8 @@ the headline plan.
 3. students, for each seed: ITC alone, CPRD from the teacher and from the ``shapes_oracle``
    (the upper bound of what a teacher can give), and the peers kl, loopitr, margin_mse,
    listmle_full and conaclip, each with the knobs that won the fair contest on this data's
-   val split (``paths.TUNED_SHAPES``: ``compare --tuned-from``; ``--untuned`` runs the
-   configured knobs instead, ``--tune N`` or ``--tuned-from FILE`` other winners);
+   val split (``paths.TUNED_SHAPES``: ``compare --tuned-from``; ``--tuned-from none`` runs
+   the configured knobs instead, ``--tune N`` or ``--tuned-from FILE`` other winners);
 4. evaluation on the test split: LAVIS's metrics, the relevance-aware ones, the ranking
    correlation; ``results.md``, ``results.json``, ``metrics.png``, ``score_distributions.png``.
 
@@ -33,26 +33,31 @@ HEADLINE = ["--methods", "none", "cprd", "kl", "loopitr", "margin_mse", "listmle
             "--oracle", "cprd", "--weights", "--ks", "--jobs", "2"]
 
 
-def main(argv: Optional[List[str]] = None) -> Dict:
-    """``compare`` with the headline plan, the packaged contest winners and ``output/demo``;
-    later flags override."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def compare_argv(argv: List[str]) -> List[str]:
+    """compare's arguments: the headline plan, then ``argv``. The packaged contest winners
+    unless ``argv`` tunes or names other winners (``--tuned-from none``: the configured knobs);
+    CPRD's oracle run only when CPRD is among the ``--methods`` given."""
     given = argparse.ArgumentParser(add_help=False)
     given.add_argument("--methods", nargs="+")
     given.add_argument("--oracle", nargs="*")
     given.add_argument("--tune", type=int, default=0)
     given.add_argument("--tuned-from")
-    given.add_argument("--untuned", action="store_true")
     given = given.parse_known_args(argv)[0]
-    argv = [a for a in argv if a != "--untuned"]
     headline = list(HEADLINE)
-    if not (given.untuned or given.tune or given.tuned_from):
+    if not (given.tune or given.tuned_from):
         headline += ["--tuned-from", TUNED_SHAPES]
-    if given.methods is not None and given.oracle is None:  # the default oracle run only for methods still planned
+    if given.methods is not None and given.oracle is None:
         at = headline.index("--oracle")
         kept = [m for m in headline[at + 1:at + 2] if m in given.methods]
         headline[at:at + 2] = ["--oracle", *kept] if kept else []
-    return compare.main([*headline, *argv], prog="lavis-cprd demo", description=__doc__.split("\n\n")[0],
+    return [*headline, *argv]
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    """``compare`` with the headline plan, the packaged contest winners and ``output/demo``;
+    later flags override."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return compare.main(compare_argv(argv), prog="lavis-cprd demo", description=__doc__.split("\n\n")[0],
                         default_output="output/demo")
 
 
