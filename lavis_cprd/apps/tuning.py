@@ -34,7 +34,7 @@ from lavis_cprd.training.selection import AUTO, selected_key
 
 log = logging.getLogger(__name__)
 
-Trial = Tuple[str, ...]  # config overrides of one trial (empty: the method as configured)
+Trial = Tuple[str, ...]  # config overrides of one trial: its weight, then its other knobs
 
 
 def draw_trials(method: str, n: int, seed: int = 0) -> List[Trial]:
